@@ -22,7 +22,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from simulation.errors import UsageError
+from simulation.files import atomic_write_bytes
 
 FAMILIES = ("dense", "blocks", "repeated")
 ENTRY_DISTRIBUTIONS = ("uniform", "integer")
@@ -278,7 +278,6 @@ class HolderKey:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the key to one file, owner-only (mode 0600), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self._header(), fingerprint=self.fingerprint)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -286,17 +285,7 @@ class HolderKey:
             array = io.BytesIO()
             np.save(array, self._blocks, allow_pickle=False)
             archive.writestr("blocks.npy", array.getvalue())
-        descriptor, temporary = tempfile.mkstemp(prefix=".key-", dir=path.parent)
-        try:
-            os.fchmod(descriptor, stat.S_IRUSR | stat.S_IWUSR)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(buffer.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, buffer.getvalue(), private=True)
         return path
 
     @classmethod

@@ -1,0 +1,220 @@
+"""A data holder: the only code that touches its raw images and its key.
+
+What it hands to the training code is a frozen first layer (its AugConv, or for the baseline the plain layer)
+and batches that are already morphed. Everything secret lives in the holder's own folder, owner-only: the key,
+the AugConv built from it, and any holder-local backbone layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.augconv import AugConv
+from clients.keys import HolderKey
+from clients.morphing import morph
+from simulation.config import ExperimentConfig
+from simulation.data import augment, normalize
+from simulation.errors import UsageError
+from simulation.federation import derive_seed, federation_for
+from simulation.files import atomic_torch_save, private_dir
+
+VARIANTS = ("mple", "baseline")
+KEY_FILE = "key.mple"
+SPLITS = ("train", "test", "global")
+
+
+def holder_home(run_dir: str | Path, holder_id: int) -> Path:
+    return Path(run_dir) / "holders" / f"holder-{holder_id:04d}"
+
+
+def channel_order(config: ExperimentConfig, holder_id: int, out_channels: int) -> torch.Tensor:
+    """The permutation the holder applies to the first layer's output channels (secret, never sent)."""
+    if config.shuffle == "none":
+        return torch.arange(out_channels)
+    labels = ("order",) if config.shuffle == "federation" else ("order", holder_id)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, *labels))
+    return torch.randperm(out_channels, generator=generator)
+
+
+def conv_fingerprint(conv: nn.Conv2d) -> str:
+    digest = hashlib.sha256(conv.weight.detach().cpu().double().numpy().tobytes())
+    if conv.bias is not None:
+        digest.update(conv.bias.detach().cpu().double().numpy().tobytes())
+    digest.update(repr((conv.kernel_size, conv.padding)).encode())
+    return digest.hexdigest()[:16]
+
+
+def key_padding(config: ExperimentConfig, conv: nn.Conv2d) -> int:
+    """`conv` key padding morphs the zero-padded image, as the MoLe code does; `none` morphs the image as is."""
+    if not config.pads_key:
+        return 0
+    if conv.padding[0] != conv.padding[1]:
+        raise UsageError("--key-padding conv needs a first convolution with equal padding on both axes")
+    return int(conv.padding[0])
+
+
+def holder_key(config: ExperimentConfig, holder_id: int, home: Path, image_shape, padding: int) -> HolderKey:
+    """Load the holder's key from its folder, or draw it from the experiment seed and save it owner-only."""
+    path = home / KEY_FILE
+    if path.exists():
+        key = HolderKey.load(path, image_shape=image_shape)
+        expected = (config.key_family, config.key_entries, padding)
+        if (key.family, key.entries, key.padding) != expected or (
+            config.block_size is not None and key.block_size != config.block_size
+        ):
+            raise UsageError(
+                f"holder folder {home} holds a {key.family} key (q={key.block_size}, {key.entries}, padding "
+                f"{key.padding}) that does not match this run's settings; use a new --out folder"
+            )
+        return key
+    key = HolderKey.generate(
+        image_shape,
+        family=config.key_family,
+        block_size=config.block_size,
+        entries=config.key_entries,
+        padding=padding,
+        seed=derive_seed(config.seed, "key", holder_id),
+    )
+    key.save(path)
+    return key
+
+
+class Holder:
+    """One holder's data, key and frozen first layer for one variant (`mple` morphs, `baseline` does not)."""
+
+    def __init__(
+        self,
+        holder_id: int,
+        config: ExperimentConfig,
+        run_dir: str | Path,
+        first_conv: nn.Conv2d,
+        variant: str,
+        device: torch.device,
+    ):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.holder_id = holder_id
+        self.config = config
+        self.variant = variant
+        self.device = device
+        self.home = private_dir(holder_home(run_dir, holder_id))
+        federation = federation_for(config)
+        self._dataset = federation.dataset
+        self._indices = {
+            "train": federation.holder_train[holder_id],
+            "test": federation.holder_test[holder_id],
+            "global": np.arange(len(federation.dataset.test)),
+        }
+        self.order = channel_order(config, holder_id, first_conv.out_channels)
+        self.first_layer_fingerprint = conv_fingerprint(first_conv)
+        self.key: HolderKey | None = None
+        if variant == "mple":
+            padding = key_padding(config, first_conv)
+            self.key = holder_key(config, holder_id, self.home, self._dataset.image_shape, padding)
+            self.first = self._augconv(first_conv)
+        else:
+            self.first = _permuted_frozen(first_conv, self.order).to(device)
+
+    def _augconv(self, conv: nn.Conv2d) -> AugConv:
+        """Build the AugConv once per first layer and keep it in the holder's folder."""
+        path = self.home / f"augconv-{self.first_layer_fingerprint}-{self.key.fingerprint}.pt"
+        if path.exists():
+            module = torch.load(path, map_location=self.device, weights_only=False)
+            if isinstance(module, AugConv):
+                return module
+        module = AugConv.from_conv(conv.cpu(), self.key, self.order)
+        atomic_torch_save(module, path, private=True)
+        return module.to(self.device)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return None if self.key is None else self.key.fingerprint
+
+    def num_examples(self, split: str) -> int:
+        return len(self._indices[split])
+
+    def batches(self, split: str, *, shuffle_seed: int | None = None) -> Callable[[], Iterator]:
+        """A re-iterable source of (first-layer input, label) batches. With `shuffle_seed`, the order (and
+        augmentation, where on) is drawn from it, identically for both variants."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        source = self._dataset.train if split in ("train", "test") else self._dataset.test
+        indices = self._indices[split]
+        training = shuffle_seed is not None
+        generator = torch.Generator().manual_seed(shuffle_seed) if training else None
+        size = self.config.batch_size
+
+        def iterate():
+            order = torch.randperm(len(indices), generator=generator).numpy() if training else np.arange(len(indices))
+            for start in range(0, len(order), size):
+                chosen = indices[order[start : start + size]]
+                raw = torch.from_numpy(source.images[chosen])
+                if training and self.config.use_augmentation:
+                    raw = augment(raw, generator)
+                images = normalize(raw, self._dataset.mean, self._dataset.std).to(self.device)
+                if self.key is not None:
+                    images = morph(images, self.key)
+                yield images, torch.from_numpy(source.labels[chosen]).to(self.device)
+
+        return iterate
+
+    # ------------------------------------------------------------ local state
+    def local_state_path(self, server_round: int) -> Path:
+        return self.home / f"local-{self.variant}-r{server_round:05d}.pt"
+
+    def load_local_state(self, before_round: int) -> dict[str, torch.Tensor] | None:
+        """The holder-local backbone entries saved by the latest round before `before_round`."""
+        rounds = sorted(
+            int(path.stem.rsplit("-r", 1)[1])
+            for path in self.home.glob(f"local-{self.variant}-r*.pt")
+            if int(path.stem.rsplit("-r", 1)[1]) < before_round
+        )
+        if not rounds:
+            return None
+        return torch.load(self.local_state_path(rounds[-1]), map_location="cpu", weights_only=True)
+
+    def save_local_state(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
+        atomic_torch_save({name: value.detach().cpu() for name, value in state.items()},
+                          self.local_state_path(server_round), private=True)
+        for path in self.home.glob(f"local-{self.variant}-r*.pt"):
+            if int(path.stem.rsplit("-r", 1)[1]) < server_round - 1:
+                path.unlink(missing_ok=True)
+
+
+def _permuted_frozen(conv: nn.Conv2d, order: torch.Tensor) -> nn.Conv2d:
+    plain = copy.deepcopy(conv)
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight[order])
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias[order])
+    plain.requires_grad_(False)
+    return plain
+
+
+class HolderCache:
+    """Keeps the most recently used holders in memory; the rest live on their own disks until sampled again."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._holders: OrderedDict[tuple, Holder] = OrderedDict()
+
+    def get(self, key: tuple, create: Callable[[], Holder]) -> Holder:
+        if key in self._holders:
+            self._holders.move_to_end(key)
+            return self._holders[key]
+        holder = create()
+        self._holders[key] = holder
+        while len(self._holders) > self.capacity:
+            self._holders.popitem(last=False)
+        return holder
+
+    def __len__(self) -> int:
+        return len(self._holders)

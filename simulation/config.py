@@ -1,0 +1,219 @@
+"""One experiment's settings: defaults, TOML presets, command-line overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clients.keys import ENTRY_DISTRIBUTIONS, FAMILIES
+from simulation.errors import UsageError
+from simulation.models import MODEL_NAMES
+
+SHUFFLE_MODES = ("federation", "holder", "none")
+DP_MODES = ("server", "client")
+KEY_PADDING_MODES = ("none", "conv")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines a run. Field names are the TOML keys; flags use dashes instead of underscores."""
+
+    holders: int = 10
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    partition: str = "iid"
+    test_fraction: float = 0.2
+    public_fraction: float = 0.1
+    augment: bool | None = None
+    model: str = "cnn"
+    key_family: str = "repeated"
+    block_size: int | None = None
+    key_entries: str = "uniform"
+    key_padding: str = "none"
+    shuffle: str = "federation"
+    first_layer: str = "pretrain"
+    pretrain_epochs: int = 3
+    strategy: str = "fedavg"
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+    local_layers: list[str] = field(default_factory=list)
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_holders: int | None = None
+    dp: str | None = None
+    dp_noise: float = 0.0
+    dp_clip: float = 10.0
+    fail_holders: list[int] = field(default_factory=list)
+    fail_stage: str = "train"
+    cpus_per_holder: float = 1.0
+    gpus_per_holder: float = 0.0
+    ray_address: str | None = None
+    holder_cache: int = 16
+    seed: int = 0
+    baseline: bool = False
+    out: str | None = None
+
+    def validate(self) -> "ExperimentConfig":
+        _positive_int("holders", self.holders)
+        _positive_int("rounds", self.rounds)
+        _positive_int("local-epochs", self.local_epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("pretrain-epochs", self.pretrain_epochs)
+        _positive_int("holder-cache", self.holder_cache)
+        _non_negative_int("seed", self.seed)
+        _positive_number("lr", self.lr)
+        _number_in("momentum", self.momentum, 0.0, 1.0, upper_open=True)
+        _number_in("weight-decay", self.weight_decay, 0.0, float("inf"))
+        _number_in("test-fraction", self.test_fraction, 0.0, 1.0, upper_open=True)
+        _number_in("public-fraction", self.public_fraction, 0.0, 1.0, upper_open=True)
+        _number_in("fraction-train", self.fraction_train, 0.0, 1.0, lower_open=True)
+        _number_in("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
+        _number_in("cpus-per-holder", self.cpus_per_holder, 0.0, float("inf"), lower_open=True)
+        _number_in("gpus-per-holder", self.gpus_per_holder, 0.0, float("inf"))
+        _choice("model", self.model, MODEL_NAMES)
+        _choice("key-family", self.key_family, FAMILIES)
+        _choice("key-entries", self.key_entries, ENTRY_DISTRIBUTIONS)
+        _choice("key-padding", self.key_padding, KEY_PADDING_MODES)
+        _choice("shuffle", self.shuffle, SHUFFLE_MODES)
+        _choice("fail-stage", self.fail_stage, ("train", "evaluate"))
+        if self.block_size is not None:
+            _positive_int("block-size", self.block_size)
+        if self.image_size is not None:
+            _positive_int("image-size", self.image_size)
+        if self.min_holders is not None:
+            _positive_int("min-holders", self.min_holders)
+            if self.min_holders > self.holders:
+                raise UsageError(
+                    f"--min-holders {self.min_holders} exceeds --holders {self.holders}; lower it or add holders"
+                )
+        kind, _, path = self.first_layer.partition(":")
+        if kind not in ("pretrain", "random", "file") or (kind == "file") != bool(path):
+            raise UsageError(
+                f"--first-layer must be pretrain, random or file:PATH, got {self.first_layer!r}"
+            )
+        if kind == "file" and not Path(path).expanduser().is_file():
+            raise UsageError(f"first-layer file {path} does not exist; give the path of a .pt checkpoint")
+        if kind == "pretrain" and self.public_fraction <= 0:
+            raise UsageError("--first-layer pretrain needs a public split: set --public-fraction above 0")
+        if self.dp is not None:
+            _choice("dp", self.dp, DP_MODES)
+            _number_in("dp-noise", self.dp_noise, 0.0, float("inf"))
+            _positive_number("dp-clip", self.dp_clip)
+        for holder in self.fail_holders:
+            if isinstance(holder, bool) or not isinstance(holder, int) or not 0 <= holder < self.holders:
+                raise UsageError(
+                    f"--fail-holders lists holder {holder!r}; holder ids are 0..{self.holders - 1}"
+                )
+        if not isinstance(self.strategy_args, dict):
+            raise UsageError("strategy args must be a table of KEY = VALUE pairs")
+        if not isinstance(self.local_layers, list) or not all(isinstance(name, str) for name in self.local_layers):
+            raise UsageError("local-layers must be a list of backbone parameter name prefixes")
+        return self
+
+    @property
+    def pads_key(self) -> bool:
+        return self.key_padding == "conv"
+
+    @property
+    def use_augmentation(self) -> bool:
+        if self.augment is not None:
+            return self.augment
+        return "cifar" in self.dataset.lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExperimentConfig":
+        return cls(**json.loads(text))
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a preset: top-level keys are config fields (dashes or underscores); a [strategy] table may hold
+    `name` and `args`."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; see configs/ for presets")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"config file {path} is not valid TOML: {error}") from None
+    values: dict[str, Any] = {}
+    strategy = raw.pop("strategy", None)
+    if isinstance(strategy, dict):
+        if "name" in strategy:
+            values["strategy"] = strategy.pop("name")
+        values["strategy_args"] = dict(strategy.pop("args", {}))
+        if strategy:
+            raise UsageError(f"config file {path}: [strategy] takes only 'name' and 'args', got {sorted(strategy)}")
+    elif strategy is not None:
+        values["strategy"] = strategy
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELD_NAMES:
+            raise UsageError(f"config file {path}: unknown setting {key!r}; run with --help to see the settings")
+        values[name] = value
+    return values
+
+
+def build_config(overrides: dict[str, Any], preset: str | Path | None = None) -> ExperimentConfig:
+    """Defaults, then the preset, then explicit overrides (None means 'not given')."""
+    values = load_toml(preset) if preset else {}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    defaults = ExperimentConfig()
+    for name, value in values.items():
+        expected = type(getattr(defaults, name))
+        if isinstance(value, int) and not isinstance(value, bool) and expected is float:
+            values[name] = float(value)
+        elif expected in (int, float, str, list, dict) and not _is_type(value, expected):
+            raise UsageError(f"setting {name.replace('_', '-')} must be {expected.__name__}, got {value!r}")
+    return ExperimentConfig(**values).validate()
+
+
+def _is_type(value, expected) -> bool:
+    return isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"--{name} must be a non-negative integer, got {value!r}")
+
+
+def _positive_number(name, value):
+    _number_in(name, value, 0.0, float("inf"), lower_open=True)
+
+
+def _number_in(name, value, low, high, *, lower_open=False, upper_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"--{name} must be a number, got {value!r}")
+    too_low = value <= low if lower_open else value < low
+    too_high = value >= high if upper_open else value > high
+    if too_low or too_high or value != value:
+        left, right = "(" if lower_open else "[", ")" if upper_open else "]"
+        raise UsageError(f"--{name} must lie in {left}{low}, {high}{right}, got {value!r}")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

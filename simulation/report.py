@@ -1,0 +1,112 @@
+"""The run folder a person reads: metrics.json/.csv, curves.png, class counts and the holders' key summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from simulation.config import ExperimentConfig
+from simulation.data import class_counts, plot_class_counts
+from simulation.federation import federation_for
+from simulation.files import atomic_write_json, atomic_write_text
+
+CSV_COLUMNS = ("variant", "round", "train_loss", "train_accuracy", "loss", "accuracy", "holders_trained",
+               "holders_evaluated", "train_failures", "evaluate_failures", "counted", "seconds")
+
+
+def write_setup(config: ExperimentConfig, run_dir: Path) -> None:
+    """Per-holder class counts (JSON and a bar chart), written before training starts."""
+    federation = federation_for(config)
+    dataset = federation.dataset
+    parts = [np.concatenate([train, test]) for train, test in zip(federation.holder_train, federation.holder_test)]
+    counts = class_counts(dataset.train.labels, parts, dataset.num_classes)
+    atomic_write_json(run_dir / "class_counts.json", {
+        "class_names": list(dataset.class_names),
+        "public": int(len(federation.public)),
+        "holders": {str(i): row.tolist() for i, row in enumerate(counts)},
+    })
+    plot_class_counts(counts, dataset.class_names, run_dir / "class_counts.png")
+
+
+def write_report(config: ExperimentConfig, run_dir: Path, results: dict[str, dict], *, progress=print) -> dict:
+    mple = results["mple"]
+    final = dict(mple["final"])
+    summary = {"rounds": mple["rounds"], "final": final, "phase0": mple["phase0"], "strategy": mple["strategy"]}
+    if "baseline" in results:
+        baseline = results["baseline"]
+        summary["baseline"] = {"rounds": baseline["rounds"], "final": baseline["final"]}
+        final["baseline_accuracy"] = baseline["final"]["accuracy"]
+        final["difference_pp"] = 100 * (final["accuracy"] - final["baseline_accuracy"])
+        first, first_base = final.get("first_round_train_loss"), baseline["final"].get("first_round_train_loss")
+        if first is not None and first_base:
+            final["first_round_loss_relative_difference"] = abs(first - first_base) / abs(first_base)
+    summary["keys"] = write_key_summary(config, run_dir)
+    atomic_write_json(run_dir / "metrics.json", summary)
+    atomic_write_text(run_dir / "metrics.csv", _csv(results))
+    plot_curves(results, run_dir / "curves.png")
+    progress(_final_text(final))
+    return summary
+
+
+def write_key_summary(config: ExperimentConfig, run_dir: Path) -> list[dict]:
+    """Fingerprint, family, q and condition per holder, read from the holders' own folders (never the key)."""
+    from clients.holder import KEY_FILE, holder_home
+    from clients.keys import HolderKey
+
+    rows = []
+    for holder in range(config.holders):
+        path = holder_home(run_dir, holder) / KEY_FILE
+        if path.exists():
+            summary = HolderKey.load(path).summary()
+            rows.append({"holder": holder, **summary})
+    atomic_write_json(run_dir / "keys.json", {"holders": rows})
+    return rows
+
+
+def _csv(results: dict[str, dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for variant, metrics in results.items():
+        for row in metrics["rounds"]:
+            writer.writerow({"variant": variant, **row})
+    return buffer.getvalue()
+
+
+def plot_curves(results: dict[str, dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, accuracy_axes = figure.subplots(1, 2)
+    styles = {"mple": ("MpLe", "-", "o"), "baseline": ("baseline (no morphing)", "--", "s")}
+    for variant, metrics in results.items():
+        label, line, marker = styles[variant]
+        rounds = [row["round"] for row in metrics["rounds"]]
+        for axes, name, what in ((loss_axes, "train_loss", "train loss"), (loss_axes, "loss", "eval loss"),
+                                 (accuracy_axes, "accuracy", "eval accuracy")):
+            values = [row.get(name) for row in metrics["rounds"]]
+            points = [(r, v) for r, v in zip(rounds, values) if v is not None]
+            if points:
+                axes.plot(*zip(*points), line, marker=marker, label=f"{label}: {what}")
+    loss_axes.set(title="Loss per round", xlabel="round", ylabel="cross-entropy")
+    accuracy_axes.set(title="Federated evaluation accuracy", xlabel="round", ylabel="accuracy")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+
+
+def _final_text(final: dict) -> str:
+    text = f"final test accuracy (official test split, mean over holders): {final['accuracy']:.4f}"
+    if "baseline_accuracy" in final:
+        text += (f"; baseline {final['baseline_accuracy']:.4f}; difference {final['difference_pp']:+.2f} pp; "
+                 f"first-round loss relative difference {final.get('first_round_loss_relative_difference', float('nan')):.2e}")
+    return text
+
+
+def load_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())

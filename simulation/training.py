@@ -1,0 +1,76 @@
+"""Training and evaluation loops shared by the holders (morphed data, frozen AugConv) and the server's phase 0."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def train_epochs(
+    first: nn.Module,
+    backbone: nn.Module,
+    batches: Batches,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    proximal_mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[float, float, int]:
+    """Train `backbone` (and `first`, if it has trainable parameters) with SGD; returns (mean loss, accuracy,
+    examples seen in the last epoch). With `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 over the
+    `anchor` parameters (the received global ones)."""
+    parameters = [p for p in (*first.parameters(), *backbone.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    anchored = []
+    if proximal_mu > 0 and anchor:
+        named = dict(backbone.named_parameters())
+        anchored = [(named[name], value.detach().clone()) for name, value in anchor.items() if name in named]
+    first.train(any(p.requires_grad for p in first.parameters()))
+    backbone.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for _ in range(epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for inputs, labels in batches():
+            optimizer.zero_grad(set_to_none=True)
+            logits = backbone(first(inputs))
+            loss = criterion(logits, labels)
+            objective = loss
+            if anchored:
+                objective = loss + proximal_mu / 2 * sum((p - g).pow(2).sum() for p, g in anchored)
+            objective.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+    if seen == 0:
+        return float("nan"), float("nan"), 0
+    return loss_sum / seen, correct / seen, seen
+
+
+@torch.no_grad()
+def evaluate(first: nn.Module, backbone: nn.Module, batches: Batches) -> tuple[float, float, int]:
+    """(mean cross-entropy, accuracy, examples)."""
+    first.eval()
+    backbone.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, correct, seen = 0.0, 0, 0
+    for inputs, labels in batches():
+        logits = backbone(first(inputs))
+        loss_sum += criterion(logits, labels).item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    if seen == 0:
+        return float("nan"), float("nan"), 0
+    return loss_sum / seen, correct / seen, seen
+
+
+def pick_device(gpus: float = 1.0) -> torch.device:
+    """CUDA when it is there and the run grants GPUs, else the CPU."""
+    return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
