@@ -130,11 +130,21 @@ def _reply(message: Message, arrays: ArrayRecord | None, metrics: dict, holder_i
 
 
 def _clip_if_client_dp(message: Message, context: Context, call_next):
-    """Flower's client-side fixed clipping, applied when the run asks for client-side DP."""
+    """Flower's client-side fixed clipping, applied when the run asks for client-side DP. The mod expects the
+    strategy's records only, so the holder's own records step aside while it runs."""
     config, _ = experiment_of(message)
-    if config.dp == "client":
-        return fixedclipping_mod(message, context, call_next)
-    return call_next(message, context)
+    if config.dp != "client":
+        return call_next(message, context)
+    extras = {name: message.content[name] for name in (FIRST_LAYER, INITIAL_LOCAL) if name in message.content}
+    for name in extras:
+        del message.content[name]
+
+    def with_extras(inner: Message, inner_context: Context) -> Message:
+        for name, record in extras.items():
+            inner.content[name] = record
+        return call_next(inner, inner_context)
+
+    return fixedclipping_mod(message, context, with_extras)
 
 
 app = ClientApp()

@@ -27,7 +27,7 @@ from simulation.errors import UsageError
 from simulation.federation import derive_seed, federation_for
 from simulation.files import atomic_torch_save, atomic_write_json
 from simulation.models import SplitModel, order_sensitive_keys
-from strategies.registry import build_strategy, describe_strategy, with_differential_privacy
+from strategies.registry import build_strategy, describe_strategy, sampled_train_holders, with_differential_privacy
 
 FIRST_LAYER_FILE = "first_layer.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -120,9 +120,10 @@ class Federation:
             fraction_evaluate=config.fraction_evaluate,
             min_train_holders=config.min_holders,
             min_evaluate_holders=config.min_holders,
+            learning_rate=config.lr,
         )
         if config.dp:
-            sampled = max(1, int(config.holders * config.fraction_train))
+            sampled = sampled_train_holders(strategy, config.holders)
             strategy = with_differential_privacy(
                 strategy, mode=config.dp, noise_multiplier=config.dp_noise, clipping_norm=config.dp_clip,
                 num_sampled_holders=sampled,
@@ -208,8 +209,7 @@ class Federation:
         if counted:
             arrays, _ = self.strategy.aggregate_train(self.round, ok)
             if arrays is not None:
-                state = arrays.to_torch_state_dict()
-                self.arrays = ArrayRecord({name: state[name].float() for name in self.shared})
+                self.arrays = ArrayRecord(_valid_backbone(arrays.to_torch_state_dict(), self.shared))
         per_holder = self._per_holder(ok, ("train_loss", "train-accuracy", "val-accuracy", "num-examples"))
         return {
             "round": self.round,
@@ -290,6 +290,19 @@ class Federation:
         self.strategy = pickle.loads(state["strategy"])
         self.aligned = state["aligned"]
         self.progress(f"resuming {self.settings.variant} after round {self.round}/{self.config.rounds}")
+
+
+def _valid_backbone(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """float32 in the shared order. Server-side optimisers (FedAdam, FedYogi, FedAdagrad) and DP noise treat
+    BatchNorm running variances as parameters and can push them below zero, which BatchNorm turns into NaN:
+    a variance is never negative, so clamp it."""
+    valid = {}
+    for name in names:
+        value = state[name].float()
+        if name.endswith("running_var"):
+            value = value.clamp_min(0.0)
+        valid[name] = value
+    return valid
 
 
 def _weighted(replies: list[Message], name: str) -> float | None:

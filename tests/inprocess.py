@@ -1,0 +1,74 @@
+"""A grid that delivers messages to the real ClientApp in this process: the real apps and strategies, without
+starting Ray (which costs ~15 s per run). Engine tests in test_simulation.py use the real Ray backend."""
+
+from __future__ import annotations
+
+import itertools
+from copy import deepcopy
+import traceback
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import app as client_app
+
+
+class InProcessGrid(Grid):
+    def __init__(self, num_holders: int, node_config: dict | None = None):
+        # Messages stamp the sending task's identity; the engine sets it for a real ServerApp.
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self._contexts = {
+            1000 + holder: Context(
+                run_id=1,
+                node_id=1000 + holder,
+                node_config={"partition-id": holder, "num-partitions": num_holders, **(node_config or {})},
+                state=RecordDict(),
+                run_config={},
+            )
+            for holder in range(num_holders)
+        }
+        self._ids = itertools.count(1)
+        self.log: list[tuple[Message, Message]] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - nothing to set
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id="", ttl=None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
+
+    def get_node_ids(self):
+        return list(self._contexts)
+
+    def push_messages(self, messages):  # pragma: no cover - the ServerApp uses send_and_receive
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            context = self._contexts[message.metadata.dst_node_id]
+            try:
+                reply = client_app(message, context)
+            except Exception as error:  # the engine turns a ClientApp exception into an error reply, so do we
+                reason = "".join(traceback.format_exception_only(error)).strip()
+                reply = Message(Error(code=0, reason=reason), reply_to=message)
+            # Copies: some strategies empty the replies' arrays while aggregating them.
+            self.log.append((_snapshot(message), _snapshot(reply)))
+            replies.append(reply)
+        return replies
+
+
+def _snapshot(message: Message) -> Message:
+    if message.has_error():
+        return message
+    copy = Message(RecordDict(), dst_node_id=0, message_type=message.metadata.message_type)
+    copy.__dict__["_content"] = deepcopy(message.content)
+    return copy

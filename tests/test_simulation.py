@@ -1,0 +1,227 @@
+"""The federation end to end: the real ClientApp, ServerApp and strategies, in process and on Flower's Ray engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clients.holder import KEY_FILE, holder_home
+from clients.keys import HolderKey
+from server.audit import AuditGrid, AuditViolation
+from server.server_app import CHECKPOINT_FILE, Federation, ServerSettings
+from simulation.config import build_config
+from simulation.errors import UsageError
+from simulation.run import main, prepare_run_dir
+
+from .inprocess import InProcessGrid
+
+BUILTIN = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg",
+           "krum", "multikrum", "bulyan", "qfedavg")
+
+
+def run_in_process(tmp_path: Path, holders: int = 3, **settings):
+    stop = settings.pop("stop_after_round", None)
+    config = build_config({"holders": holders, "rounds": 2, "pretrain_epochs": 1, **settings})
+    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
+    grid = InProcessGrid(holders)
+    federation = Federation(grid, ServerSettings(config, run_dir, progress=lambda line: None,
+                                                 stop_after_round=stop))
+    return federation.run(), grid, federation
+
+
+def without_times(rows):
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+@pytest.mark.parametrize("strategy", BUILTIN)
+def test_every_builtin_strategy_trains_the_backbone_only(tmp_path, strategy):
+    metrics, grid, federation = run_in_process(tmp_path, strategy=strategy)
+    assert [row["round"] for row in metrics["rounds"]] == [1, 2]
+    assert all(row["holders_trained"] == 3 and math.isfinite(row["train_loss"]) for row in metrics["rounds"])
+    shared = set(federation.shared)
+    backbone = set(federation.model.backbone.state_dict())
+    for message, reply in grid.log:
+        if "arrays" in message.content:
+            assert set(message.content["arrays"].keys()) == shared
+        if not reply.has_error() and "arrays" in reply.content:
+            assert set(reply.content["arrays"].keys()) == shared
+    assert shared < backbone  # integer buffers at least stay home
+    assert set(federation.arrays.keys()) == shared
+
+
+def test_holder_local_layers_never_reach_the_server(tmp_path):
+    metrics, grid, federation = run_in_process(tmp_path, shuffle="holder", local_layers=["classifier.3"])
+    local = {name for name in federation.model.backbone.state_dict() if name not in federation.shared}
+    assert {"classifier.3.weight", "classifier.3.bias", "features.1.weight"} <= local  # BN after conv 1: order
+    for message, reply in grid.log:
+        for content in (message.content, None if reply.has_error() else reply.content):
+            if content is not None and "arrays" in content:
+                assert not local & set(content["arrays"].keys())
+    saved = torch.load(sorted(holder_home(federation.settings.run_dir, 0).glob("local-mple-r*.pt"))[-1])
+    assert {"classifier.3.weight", "features.1.weight"} <= set(saved)
+    assert metrics["final"]["accuracy"] > 0.3
+
+
+def test_no_message_carries_a_key_or_an_augconv(tmp_path):
+    _, grid, federation = run_in_process(tmp_path)
+    secrets = []
+    for holder in range(3):
+        home = holder_home(federation.settings.run_dir, holder)
+        key = HolderKey.load(home / KEY_FILE)
+        secrets += [key.blocks(dtype=torch.float32), key.blocks(dtype=torch.float32, inverse=True)]
+        (augconv_file,) = home.glob("augconv-*.pt")
+        secrets.append(torch.load(augconv_file, weights_only=False).weight)
+        assert stat.S_IMODE((home / KEY_FILE).stat().st_mode) == 0o600
+        assert stat.S_IMODE(augconv_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    secret_shapes = {tuple(secret.shape) for secret in secrets}
+    for message, reply in grid.log:
+        for content in (message.content, None if reply.has_error() else reply.content):
+            if content is None:
+                continue
+            for record in content.array_records.values():
+                for tensor in record.to_torch_state_dict().values():
+                    if tuple(tensor.shape) in secret_shapes:
+                        assert not any(torch.equal(tensor.float(), secret.float()) for secret in secrets
+                                       if secret.shape == tensor.shape)
+            for record in content.config_records.values():
+                assert all(not isinstance(value, bytes) for value in record.values())
+
+
+def test_audit_refuses_a_reply_with_a_local_entry():
+    class FakeGrid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            return replies
+
+    audit = AuditGrid(FakeGrid(1), shared_names={"a"})
+    from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+
+    message = Message(RecordDict({"config": __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord()}),
+                      dst_node_id=1000, message_type=MessageType.QUERY)
+    message.metadata.__dict__["_message_id"] = "x"
+    reply = Message(RecordDict({"arrays": ArrayRecord({"b": torch.zeros(1)})}), reply_to=message)
+    with pytest.raises(AuditViolation, match="non-shared"):
+        audit._check_incoming(reply)
+    with pytest.raises(AuditViolation, match="may not cross"):
+        audit._check_outgoing(Message(RecordDict({"key": ArrayRecord()}), dst_node_id=1, message_type="query"))
+
+
+def test_fedprox_holders_apply_the_proximal_term(tmp_path):
+    def update_norm(mu):
+        config = {"strategy": "fedprox", "strategy_args": {"proximal_mu": mu}, "rounds": 1, "lr": 0.1}
+        _, grid, federation = run_in_process(tmp_path / f"mu{mu}", **config)
+        (sent, reply) = next((m, r) for m, r in grid.log if m.metadata.message_type == "train")
+        before = sent.content["arrays"].to_torch_state_dict()
+        after = reply.content["arrays"].to_torch_state_dict()
+        return math.sqrt(sum((after[n] - before[n]).pow(2).sum().item() for n in before))
+
+    assert update_norm(5.0) < 0.9 * update_norm(0.0)
+
+
+def test_failed_holders_are_counted_and_the_round_goes_on(tmp_path):
+    metrics, _, _ = run_in_process(tmp_path / "a", holders=4, fail_holders=[1, 2])
+    for row in metrics["rounds"]:
+        assert (row["holders_trained"], row["train_failures"]) == (2, 2)
+        assert row["counted"] and any("failed on purpose" in reason for reason in row["failure_reasons"])
+    strict, _, federation = run_in_process(tmp_path / "b", holders=4, fail_holders=[1], min_holders=4, shuffle="none")
+    assert not any(row["counted"] for row in strict["rounds"])
+    initial = torch.load(federation.settings.run_dir / "first_layer.pt")["backbone"]
+    for name, value in federation.arrays.to_torch_state_dict().items():
+        assert torch.allclose(value, initial[name].float())
+
+
+def test_same_seed_same_metrics_and_resume_matches(tmp_path):
+    first, _, _ = run_in_process(tmp_path / "a", rounds=3)
+    second, _, _ = run_in_process(tmp_path / "b", rounds=3)
+    assert without_times(first["rounds"]) == without_times(second["rounds"])
+    assert first["final"] == second["final"]
+    with pytest.raises(SystemExit):
+        run_in_process(tmp_path / "c", rounds=3, stop_after_round=1)
+    assert (tmp_path / "c" / "run" / "mple" / CHECKPOINT_FILE).exists()
+    resumed, _, _ = run_in_process(tmp_path / "c", rounds=3)
+    assert without_times(resumed["rounds"]) == without_times(first["rounds"])
+    assert resumed["final"] == first["final"]
+
+
+def test_holder_shuffle_gives_each_holder_its_own_order_and_training_still_works(tmp_path):
+    from clients.holder import channel_order
+
+    config = build_config({"holders": 3, "shuffle": "holder"})
+    orders = [channel_order(config, holder, 32) for holder in range(3)]
+    assert not torch.equal(orders[0], orders[1])
+    assert all(torch.equal(order.sort().values, torch.arange(32)) for order in orders)
+    metrics, _, _ = run_in_process(tmp_path, shuffle="holder")
+    assert metrics["final"]["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("family", ["dense", "blocks", "repeated"])
+def test_mple_matches_its_baseline_for_every_key_family(tmp_path, family):
+    mple, _, _ = run_in_process(tmp_path, rounds=1, key_family=family)
+    from dataclasses import replace  # noqa: F401  (baseline variant shares the run folder and first layer)
+
+    config = build_config({"holders": 3, "rounds": 1, "pretrain_epochs": 1, "key_family": family})
+    grid = InProcessGrid(3)
+    baseline = Federation(grid, ServerSettings(config, tmp_path / "run", variant="baseline",
+                                               progress=lambda line: None)).run()
+    loss, base_loss = mple["rounds"][0]["train_loss"], baseline["rounds"][0]["train_loss"]
+    assert abs(loss - base_loss) / base_loss < 1e-3
+    assert abs(mple["final"]["accuracy"] - baseline["final"]["accuracy"]) <= 0.01
+
+
+def test_cli_runs_on_flowers_ray_engine_and_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--holders", "3", "--rounds", "2", "--pretrain-epochs", "1", "--baseline", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "round   2/2" in printed.out and "DEPRECATED" not in printed.out + printed.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["round"] for row in metrics["rounds"]] == [1, 2]
+    assert all({"round", "loss", "accuracy"} <= set(row) for row in metrics["rounds"])
+    final = metrics["final"]
+    assert 0.5 < final["accuracy"] <= 1 and "baseline_accuracy" in final
+    assert final["first_round_loss_relative_difference"] < 1e-3
+    assert abs(final["difference_pp"]) <= 1.0
+    for name in ("config.json", "metrics.csv", "curves.png", "keys.json", "class_counts.png", "first_layer.pt"):
+        assert (out / name).stat().st_size > 0
+    keys = json.loads((out / "keys.json").read_text())["holders"]
+    assert len({row["fingerprint"] for row in keys}) == 3
+    assert "blocks" not in json.dumps(keys).replace('"num_blocks"', "").replace('"num_distinct_blocks"', "")
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2 * 2
+
+
+def test_cli_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert main(["--holders", "2", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "already exists" in error
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_differential_privacy_clips_backbone_updates(tmp_path, mode):
+    clip = 0.5
+    metrics, grid, federation = run_in_process(tmp_path, rounds=1, dp=mode, dp_clip=clip, dp_noise=0.0, lr=0.1)
+    assert metrics["strategy"]["differential_privacy"]["clipping_norm"] == clip
+    norms, sent = [], None
+    for message, reply in grid.log:
+        if message.metadata.message_type == "train" and not reply.has_error():
+            before = sent = message.content["arrays"].to_torch_state_dict()
+            after = reply.content["arrays"].to_torch_state_dict()
+            norms.append(math.sqrt(sum((after[n] - before[n]).pow(2).sum().item() for n in before)))
+    assert len(norms) == 3
+    if mode == "client":  # the holders clip before replying
+        assert max(norms) <= clip * (1 + 1e-4)
+    else:  # the server clips while aggregating: the raw replies are larger, the aggregate moves at most `clip`
+        assert max(norms) > clip
+    aggregate = federation.arrays.to_torch_state_dict()
+    moved = math.sqrt(sum((aggregate[n] - sent[n]).pow(2).sum().item() for n in sent))
+    assert 0 < moved <= clip * (1 + 1e-4)
