@@ -108,6 +108,26 @@ def _int_list(flag: str, text: str) -> list[int]:
         raise UsageError(f"{flag} takes comma-separated holder ids such as 2,5, got {text!r}") from None
 
 
+def preflight(config: ExperimentConfig) -> None:
+    """Everything that can be checked before a run folder exists: data, partition, model, strategy, layers."""
+    from server.first_layer import initial_model
+    from server.server_app import shared_backbone_names, unknown_local_layers
+    from simulation.federation import federation_for
+    from strategies.registry import build_strategy
+
+    federation = federation_for(config)
+    model = initial_model(config, federation)
+    missing = unknown_local_layers(model, config)
+    if missing:
+        raise UsageError(f"--local-layers names {missing}, which the {config.model} backbone does not have; "
+                         f"its layers are {sorted({name.rsplit('.', 1)[0] for name in model.backbone.state_dict()})}")
+    shared_backbone_names(model, config)
+    build_strategy(config.strategy, dict(config.strategy_args), num_holders=config.holders,
+                   fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
+                   min_train_holders=config.min_holders, min_evaluate_holders=config.min_holders,
+                   learning_rate=config.lr)
+
+
 def prepare_run_dir(config: ExperimentConfig, out: Path | None, *, exist_ok: bool = False) -> Path:
     """Create the run folder; never reuse one that holds results (unless resuming via `exist_ok`)."""
     if out is None:
@@ -203,6 +223,7 @@ def main(argv=None) -> int:
             config = ExperimentConfig.from_json((run_dir / RUN_MARKER).read_text()).validate()
         else:
             config = config_from_args(args)
+            preflight(config)
             run_dir = prepare_run_dir(config, Path(args.out) if args.out else None)
         config = replace(config, out=str(run_dir))
         print(f"run folder: {run_dir}", flush=True)
