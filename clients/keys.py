@@ -113,8 +113,10 @@ class HolderKey:
             raise MorphingKeyError(f"max_condition must be at least 1, got {max_condition!r}")
         rng = np.random.default_rng(int(seed))
         count = size // q if family == "blocks" else 1
-        blocks = np.stack([_draw_block(rng, q, entries, bound) for _ in range(count)])
-        return cls(family, blocks, image_shape, padding, entries)
+        blocks, conditions = zip(*(_draw_block(rng, q, entries, bound) for _ in range(count)))
+        key = cls(family, np.stack(blocks), image_shape, padding, entries)
+        key._conditions = np.array(conditions)  # already computed to check the bound; a dense one costs an SVD
+        return key
 
     @classmethod
     def from_matrix(cls, matrix, image_shape: Sequence[int], padding: int = 0) -> "HolderKey":
@@ -381,14 +383,16 @@ def _resolve_block_size(family: str, block_size: int | None, domain: tuple[int, 
     return int(q)
 
 
-def _draw_block(rng: np.random.Generator, q: int, entries: str, bound: float) -> np.ndarray:
+def _draw_block(rng: np.random.Generator, q: int, entries: str, bound: float) -> tuple[np.ndarray, float]:
+    """A random block whose condition number is within ``bound``, and that condition number."""
     for _ in range(MAX_REDRAWS):
         if entries == "uniform":
             block = rng.random((q, q))
         else:
             block = rng.integers(1, 256, size=(q, q)).astype(np.float64)
-        if np.linalg.cond(block) <= bound:
-            return block
+        condition = float(np.linalg.cond(block))
+        if condition <= bound:
+            return block, condition
     raise MorphingKeyError(
         f"no {q} x {q} block with condition number below {bound:.3g} in {MAX_REDRAWS} draws; raise max_condition"
     )

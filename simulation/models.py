@@ -34,7 +34,6 @@ Layers are initialised the way torchvision initialises the networks they come fr
 from collections.abc import Mapping, Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from simulation.errors import UsageError
@@ -216,6 +215,8 @@ def _split_vgg16(
     # On the meta device the 25088 x 4096 classifier that gets replaced is never allocated (it would make
     # each build take over a second); every layer is then initialised as torchvision initialises VGG.
     with torch.device("meta"):
+        import torchvision  # imported when needed: it adds ~1.7 s to every worker process's start
+
         model = (torchvision.models.vgg16_bn if batch_norm else torchvision.models.vgg16)(
             weights=None, init_weights=False
         )
@@ -256,6 +257,8 @@ def _init_vgg_layer(layer: nn.Module) -> None:
 
 
 def _split_resnet18(in_channels: int, num_classes: int) -> SplitModel:
+    import torchvision
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")

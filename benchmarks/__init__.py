@@ -1,0 +1,1 @@
+"""Benchmarks: timings and sizes that tests do not assert (run them as scripts, e.g. ``python -m benchmarks.augconv``)."""
