@@ -29,7 +29,7 @@ def suites(data: Path) -> dict[str, list[tuple[str, list[str]]]]:
             for name in ("fedavg", "fedprox", "fedadam", "fedmedian")
         ],
         "cifar-cnn": [("CIFAR-10 subset, cnn", cifar + ["--model", "cnn", "--rounds", "10"])],
-        "cifar-vgg16": [("CIFAR-10 subset, VGG-16", cifar + ["--model", "vgg16", "--rounds", "3", "--lr", "0.01",
+        "cifar-vgg16": [("CIFAR-10 subset, VGG-16 (BN)", cifar + ["--model", "vgg16_bn", "--rounds", "3", "--lr", "0.05",
                                                             "--batch-size", "64", "--pretrain-epochs", "2"])],
     }
 

@@ -7,6 +7,7 @@ AugConv. It replies with the shared backbone entries only; holder-local entries 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -58,6 +59,13 @@ def _skeleton(config: ExperimentConfig, image_shape, num_classes: int) -> SplitM
     return _STATE.skeletons[name]
 
 
+def holder_folder(context: Context, run_dir: str, holder_id: int) -> Path:
+    """The holder's own folder (key, AugConv, local state): node config `holder-dir` on a SuperNode, else the
+    holder's folder in the run folder (simulation, where all holders share one machine)."""
+    given = str(context.node_config.get("holder-dir", ""))
+    return Path(given).expanduser() if given else holder_home(run_dir, holder_id)
+
+
 class HolderJob:
     """One message's work for one holder: assembles the holder's model from what the server sent."""
 
@@ -77,11 +85,13 @@ class HolderJob:
         self.model = _skeleton(config, dataset.image_shape, dataset.num_classes)
         first_state = message.content[FIRST_LAYER].to_torch_state_dict()
         self.model.first.load_state_dict(first_state)
-        home_root = context.node_config.get("holder-dir") or settings["run-dir"]
-        cache_key = (str(home_root), self.variant, self.holder_id, conv_fingerprint(self.model.first))
+        home = holder_folder(context, settings["run-dir"], self.holder_id)
+        own_data = str(context.node_config.get("dataset", "")) or None
+        cache_key = (str(home), own_data, self.variant, self.holder_id, conv_fingerprint(self.model.first))
         self.holder: Holder = _STATE.holders.get(
             cache_key,
-            lambda: Holder(self.holder_id, config, home_root, self.model.first, self.variant, self.device),
+            lambda: Holder(self.holder_id, config, home, self.model.first, self.variant, self.device,
+                           own_data=own_data),
         )
         self.backbone = self.model.backbone.to(self.device)
         self.received = message.content["arrays"].to_torch_state_dict()

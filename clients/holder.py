@@ -21,7 +21,7 @@ from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
 from simulation.config import ExperimentConfig
-from simulation.data import augment, normalize
+from simulation.data import ImageDataset, augment, load_dataset, normalize
 from simulation.errors import UsageError
 from simulation.federation import derive_seed, federation_for
 from simulation.files import atomic_torch_save, private_dir
@@ -87,6 +87,25 @@ def holder_key(config: ExperimentConfig, holder_id: int, home: Path, image_shape
     return key
 
 
+def load_own_data(spec: str, config: ExperimentConfig, experiment: ImageDataset) -> ImageDataset:
+    """A holder's own dataset (node config `dataset`, e.g. npz:/data/hospital-3.npz): its train split trains, its
+    test split tests, in place of the holder's partition of the experiment dataset. It must match the experiment's
+    image shape and classes, whose normalisation it uses."""
+    own = load_dataset(spec, data_dir=config.data_dir, image_size=config.image_size, download=False)
+    if own.image_shape != experiment.image_shape:
+        raise UsageError(
+            f"holder dataset {spec} has images of shape {own.image_shape}, the experiment's {experiment.name} has "
+            f"{experiment.image_shape}; give images of that shape or set --image-size"
+        )
+    largest = max(int(split.labels.max()) for split in (own.train, own.test))
+    if largest >= experiment.num_classes:
+        raise UsageError(
+            f"holder dataset {spec} has label {largest}; the experiment's {experiment.name} has "
+            f"{experiment.num_classes} classes (labels 0..{experiment.num_classes - 1})"
+        )
+    return own
+
+
 class Holder:
     """One holder's data, key and frozen first layer for one variant (`mple` morphs, `baseline` does not)."""
 
@@ -94,10 +113,12 @@ class Holder:
         self,
         holder_id: int,
         config: ExperimentConfig,
-        run_dir: str | Path,
+        home: str | Path,
         first_conv: nn.Conv2d,
         variant: str,
         device: torch.device,
+        *,
+        own_data: str | None = None,
     ):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -105,14 +126,19 @@ class Holder:
         self.config = config
         self.variant = variant
         self.device = device
-        self.home = private_dir(holder_home(run_dir, holder_id))
+        self.home = private_dir(home)
         federation = federation_for(config)
-        self._dataset = federation.dataset
+        self._dataset = federation.dataset  # normalisation, image shape and the official test split
+        self._sources = {"train": self._dataset.train, "test": self._dataset.train, "global": self._dataset.test}
         self._indices = {
             "train": federation.holder_train[holder_id],
             "test": federation.holder_test[holder_id],
             "global": np.arange(len(federation.dataset.test)),
         }
+        if own_data:
+            own = load_own_data(own_data, config, self._dataset)
+            self._sources.update(train=own.train, test=own.test)
+            self._indices.update(train=np.arange(len(own.train)), test=np.arange(len(own.test)))
         self.order = channel_order(config, holder_id, first_conv.out_channels)
         self.first_layer_fingerprint = conv_fingerprint(first_conv)
         self.key: HolderKey | None = None
@@ -146,7 +172,7 @@ class Holder:
         augmentation, where on) is drawn from it, identically for both variants."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        source = self._dataset.train if split in ("train", "test") else self._dataset.test
+        source = self._sources[split]
         indices = self._indices[split]
         training = shuffle_seed is not None
         generator = torch.Generator().manual_seed(shuffle_seed) if training else None

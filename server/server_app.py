@@ -32,6 +32,7 @@ from strategies.registry import build_strategy, describe_strategy, sampled_train
 FIRST_LAYER_FILE = "first_layer.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
+CONNECT_TIMEOUT_S = 600
 
 
 @dataclass
@@ -153,7 +154,13 @@ class Federation:
 
     def identify_holders(self) -> None:
         nodes = list(self.grid.get_node_ids())
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
         while len(nodes) < self.config.holders:
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"only {len(nodes)} of {self.config.holders} holders connected within {CONNECT_TIMEOUT_S} s; "
+                    "start one SuperNode per holder or lower --holders"
+                )
             time.sleep(1)
             nodes = list(self.grid.get_node_ids())
         replies = self._query(nodes, action="identify")
@@ -342,19 +349,27 @@ def build_server_app(settings: ServerSettings) -> ServerApp:
     return app
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def _settings_from_run_config(context: Context) -> ServerSettings:
-    """`flwr run .`: the run config in pyproject.toml (or --run-config) names a preset and an output folder."""
-    from simulation.run import prepare_run_dir
-
-    run_config = dict(context.run_config)
-    preset = run_config.pop("preset", "") or None
-    out = run_config.pop("out", "runs/flwr")
-    variant = run_config.pop("variant", "mple")
-    overrides = {key.replace("-", "_"): value for key, value in run_config.items()}
+    """`flwr run .`: the run config in pyproject.toml (or --run-config) names a preset (relative paths resolve
+    against the project), a run folder ("" = a new one under runs/), the variant, and overrides of any setting;
+    "" means "not given"."""
     from simulation.config import build_config
+    from simulation.run import VARIANTS, prepare_run_dir
 
+    run_config = {key: value for key, value in context.run_config.items() if value != ""}
+    preset = run_config.pop("preset", None)
+    if preset is not None and not Path(preset).expanduser().is_absolute() and not Path(preset).exists():
+        preset = PROJECT_ROOT / preset
+    out = run_config.pop("out", None)
+    variant = run_config.pop("variant", "mple")
+    if variant not in VARIANTS:
+        raise UsageError(f"run config variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    overrides = {key.replace("-", "_"): value for key, value in run_config.items()}
     config = build_config(overrides, preset)
-    run_dir = prepare_run_dir(config, Path(out), exist_ok=True)
+    run_dir = prepare_run_dir(config, Path(out) if out else None, exist_ok=out is not None)
     return ServerSettings(config=config, run_dir=run_dir, variant=variant)
 
 
