@@ -335,7 +335,8 @@ def _local_layout(key: HolderKey, geometry: _Geometry) -> _Layout:
 def _fused_weight(key: HolderKey, geometry: _Geometry, layout: _Layout, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows of ``C^ac`` for every computed block, placed into the per-group weights."""
     q = key.block_size
-    (kh, kw), (oh, ow) = geometry.kernel, geometry.offset
+    kh = geometry.kernel[0]
+    oh, ow = geometry.offset
     out_rows, out_columns = geometry.output
     slots = layout.block_index.shape[1]
     fused = torch.zeros(

@@ -44,7 +44,10 @@ def write_report(config: ExperimentConfig, run_dir: Path, results: dict[str, dic
         first, first_base = final.get("first_round_train_loss"), baseline["final"].get("first_round_train_loss")
         if first is not None and first_base:
             final["first_round_loss_relative_difference"] = abs(first - first_base) / abs(first_base)
-    summary["keys"] = write_key_summary(config, run_dir)
+    summary["keys"] = [
+        {name: row[name] for name in ("holder", "fingerprint", "family", "block_size", "entries", "worst_condition")}
+        for row in write_key_summary(config, run_dir, progress=progress)
+    ]
     atomic_write_json(run_dir / "metrics.json", summary)
     atomic_write_text(run_dir / "metrics.csv", _csv(results))
     plot_curves(results, run_dir / "curves.png")
@@ -52,18 +55,41 @@ def write_report(config: ExperimentConfig, run_dir: Path, results: dict[str, dic
     return summary
 
 
-def write_key_summary(config: ExperimentConfig, run_dir: Path) -> list[dict]:
-    """Fingerprint, family, q and condition per holder, read from the holders' own folders (never the key)."""
-    from clients.holder import KEY_FILE, holder_home
-    from clients.keys import HolderKey
+KEY_REPORT_HOLDERS = 20
 
-    rows = []
-    for holder in range(config.holders):
-        path = holder_home(run_dir, holder) / KEY_FILE
-        if path.exists():
-            summary = HolderKey.load(path).summary()
-            rows.append({"holder": holder, **summary})
-    atomic_write_json(run_dir / "keys.json", {"holders": rows})
+
+def write_key_summary(config: ExperimentConfig, run_dir: Path, *, progress=print) -> list[dict]:
+    """The key comparison (simulation.keys) for the run's holders, from the keys in their own folders: a table on
+    the terminal, keys.json and morph.png. Never the keys themselves."""
+    import torch
+
+    from clients.holder import KEY_FILE, channel_order, holder_home
+    from clients.keys import HolderKey
+    from server.first_layer import initial_model
+    from simulation.keys import compare_keys, format_key_table, write_key_report
+
+    federation = federation_for(config)
+    dataset = federation.dataset
+    holders = [h for h in range(config.holders) if (holder_home(run_dir, h) / KEY_FILE).exists()]
+    shown = holders[:KEY_REPORT_HOLDERS]
+    if not shown:
+        return []
+    keys = [HolderKey.load(holder_home(run_dir, h) / KEY_FILE) for h in shown]
+    model = initial_model(config, federation)
+    checkpoint = torch.load(run_dir / "first_layer.pt", map_location="cpu", weights_only=True)
+    model.first.load_state_dict(checkpoint["first"])
+    model.backbone.load_state_dict(checkpoint["backbone"])
+    orders = [channel_order(config, h, model.first.out_channels).tolist() for h in shown]
+    samples = dataset.test.images[: max(64, 8 + (keys[0].block_size if config.key_family == "blocks" else 1))]
+    rows = compare_keys(keys, model.first, samples, mean=dataset.mean, std=dataset.std, order=orders,
+                        backbone=model.backbone, timing_repeats=3, known_plaintext=config.key_family != "dense")
+    for row, holder in zip(rows, shown):
+        row["holder"] = holder
+    context = {"dataset": config.dataset, "model": config.model, "holders_shown": len(shown),
+               "holders_with_keys": len(holders), "note": "" if len(shown) == len(holders) else
+               f"the first {len(shown)} of {len(holders)} holders"}
+    write_key_report(rows, run_dir, keys, samples, mean=dataset.mean, std=dataset.std, context=context)
+    progress("per-holder keys" + (f" ({context['note']})" if context["note"] else "") + ":\n" + format_key_table(rows))
     return rows
 
 

@@ -1,0 +1,151 @@
+"""Feature leakage: how recognisable are AugConv's outputs?
+
+AugConv turns a morphed image into the plain image's first-layer feature maps (in the secret channel
+order, which hides which map is which but not what each map shows). Anyone who sees those outputs
+(the training computation does) can simply look at them. For each channel this module measures how
+close the map is to the grey original: SSIM after min-max scaling the map to [0, 1] (the better of the
+map and its negative, since an inverted picture is just as recognisable), and the normalised (Pearson)
+correlation. Maps of another size than the image are resized to it (bilinear).
+
+Command: ``python -m server.attacks.feature_leakage --help`` (writes a grid of the maps as a PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clients.augconv import AugConv
+from clients.morphing import morph
+from server.attacks.common import (
+    display_image,
+    normalized_images,
+    run_command,
+    to_pixels,
+    write_json,
+)
+from simulation.imagemetrics import ssim_per_image
+
+GRID_COLUMNS = 8
+
+
+def feature_maps(augconv: AugConv, morphed: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """AugConv's output maps for a batch of morphed images, resized to ``size`` (``(B, beta, H, W)``, float64)."""
+    with torch.no_grad():
+        maps = augconv(morphed.to(augconv.weight.dtype)).double()
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return maps
+
+
+def leakage(maps: torch.Tensor, originals: torch.Tensor) -> dict:
+    """Similarity of every map to its grey original: ``maps`` ``(B, beta, H, W)``, ``originals`` ``(B, C, H, W)`` in [0, 1].
+
+    Returns per-channel SSIM (sign-agnostic) and correlation, each ``(B, beta)``, and their summaries.
+    """
+    batch, channels = maps.shape[:2]
+    grey = originals.double().mean(dim=1, keepdim=True).expand(-1, channels, -1, -1).reshape(batch * channels, 1, *maps.shape[-2:])
+    scaled = _unit_range(maps.reshape(batch * channels, 1, *maps.shape[-2:]))
+    ssim_positive = ssim_per_image(grey, scaled, data_range=1.0)
+    ssim_negative = ssim_per_image(grey, 1 - scaled, data_range=1.0)
+    ssim = np.maximum(ssim_positive, ssim_negative).reshape(batch, channels)
+    correlation = _correlation(maps.reshape(batch * channels, -1), grey.reshape(batch * channels, -1)).reshape(batch, channels)
+    best = ssim.argmax(axis=1)
+    return {
+        "ssim": ssim,
+        "correlation": correlation,
+        "best_channel_ssim_mean": float(ssim.max(axis=1).mean()),
+        "channel_ssim_mean": float(ssim.mean()),
+        "best_abs_correlation_mean": float(np.abs(correlation).max(axis=1).mean()),
+        "abs_correlation_mean": float(np.abs(correlation).mean()),
+        "best_channel": best.tolist(),
+    }
+
+
+def plot_feature_grid(original: torch.Tensor, maps: torch.Tensor, ssim: np.ndarray, path: Path, *, title: str) -> Path:
+    """The original and every channel map of one image, each map titled with its SSIM to the original."""
+    from matplotlib.figure import Figure
+
+    channels = maps.shape[0]
+    rows = 1 + -(-channels // GRID_COLUMNS)
+    figure = Figure(figsize=(1.25 * GRID_COLUMNS, 1.35 * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, GRID_COLUMNS, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    axes[0, 0].imshow(display_image(original), cmap="gray" if original.shape[0] == 1 else None, vmin=0, vmax=1)
+    axes[0, 0].set_title("original", fontsize=7)
+    for channel in range(channels):
+        ax = axes[1 + channel // GRID_COLUMNS, channel % GRID_COLUMNS]
+        ax.imshow(maps[channel].cpu().numpy(), cmap="gray")
+        ax.set_title(f"ch {channel}: SSIM {ssim[channel]:.2f}", fontsize=6)
+    figure.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each image to [0, 1] (a constant image becomes 0.5)."""
+    flat = images.flatten(1)
+    low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    span = high - low
+    return torch.where(span > 0, (flat - low) / span.clamp_min(1e-300), 0.5).reshape(images.shape)
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    denominator = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denominator > 0, (a * b).sum(dim=1) / denominator.clamp_min(1e-300), 0.0).numpy()
+
+
+# ------------------------------------------------------------------------------------------ command
+def _parser() -> argparse.ArgumentParser:
+    from simulation.keys import add_setup_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m server.attacks.feature_leakage",
+        description="Show a holder's AugConv output maps for morphed images and measure how much they resemble the originals.",
+    )
+    add_setup_arguments(parser)
+    parser.add_argument("--holder", type=int, default=0, help="which holder's AugConv (default 0)")
+    parser.add_argument("--samples", type=int, default=16, help="test images measured (default 16); the grid shows the first")
+    parser.add_argument("--out", type=Path, default=Path("results/attacks/feature_leakage"), help="output folder for feature_leakage.json and .png")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    from simulation.keys import setup_from_arguments
+
+    args = _parser().parse_args(argv)
+    setup = setup_from_arguments(args, holders=args.holder + 1)
+    dataset, key = setup.dataset, setup.keys[args.holder]
+    order = None if setup.orders is None else setup.orders[args.holder]
+    augconv = AugConv.from_conv(setup.first_conv, key, order)
+    normalized = normalized_images(torch.from_numpy(dataset.test.images[: args.samples]), dataset.mean, dataset.std)
+    originals = to_pixels(normalized, dataset.mean, dataset.std)
+    maps = feature_maps(augconv, morph(normalized, key), originals.shape[-2:])
+    result = leakage(maps, originals)
+    summary = {name: value for name, value in result.items() if name not in ("ssim", "correlation")}
+    for name, value in summary.items():
+        if name != "best_channel":
+            print(f"{name}: {value:.4f}")
+    write_json(args.out / "feature_leakage.json", {"attack": "feature_leakage", **setup.describe(), "holder": args.holder, "key": key.summary(), "samples": len(originals), **summary, "per_image_channel_ssim": result["ssim"], "per_image_channel_correlation": result["correlation"]})
+    title = f"AugConv outputs of holder {args.holder} ({key.family} key) on {dataset.name}, {setup.first_layer_source}"
+    plot_feature_grid(originals[0], maps[0], result["ssim"][0], args.out / "feature_leakage.png", title=title)
+    print(f"wrote {args.out / 'feature_leakage.json'} and {args.out / 'feature_leakage.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
