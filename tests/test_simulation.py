@@ -7,6 +7,7 @@ import math
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +192,11 @@ def test_cli_runs_on_flowers_ray_engine_and_writes_the_run_folder(tmp_path, caps
     assert all(not isinstance(value, (list, dict)) or len(value) < 8 for row in keys for value in row.values())
     assert (out / "morph.png").stat().st_size > 0
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2 * 2
+    from server.attacks.cross_key import cross_key_for_run
+
+    accuracy, _ = cross_key_for_run(out)
+    off_diagonal = accuracy[~np.eye(3, dtype=bool)]
+    assert np.diag(accuracy).min() > off_diagonal.max()
 
 
 def test_cli_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):

@@ -142,6 +142,43 @@ def train_demo_backbone(
     return backbone, augconvs, test_sets
 
 
+def cross_key_for_run(run_dir: str | Path, *, max_holders: int = 10) -> tuple[np.ndarray, dict]:
+    """The matrix for a finished `simulation.run`: its final global backbone (mple/checkpoint.pt), and the first
+    `max_holders` holders' AugConvs and test splits from their own folders."""
+    from clients.holder import Holder, holder_home
+    from server.first_layer import initial_model
+    from simulation.config import ExperimentConfig
+    from simulation.errors import UsageError
+    from simulation.federation import federation_for
+
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "mple" / "checkpoint.pt"
+    if not (run_dir / "config.json").is_file() or not checkpoint.is_file():
+        raise UsageError(f"{run_dir} is not a finished run folder (config.json and mple/checkpoint.pt expected)")
+    config = ExperimentConfig.from_json((run_dir / "config.json").read_text())
+    if config.shuffle == "holder" or config.local_layers:
+        raise UsageError("cross-key needs one global backbone; this run keeps layers local per holder "
+                         "(--shuffle holder or --local-layers), so each holder's model differs")
+    federation = federation_for(config)
+    model = initial_model(config, federation)
+    first = torch.load(run_dir / "first_layer.pt", map_location="cpu", weights_only=True)
+    model.first.load_state_dict(first["first"])
+    model.backbone.load_state_dict(first["backbone"])
+    model.backbone.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["arrays"],
+                                   strict=False)
+    holders = [Holder(h, config, holder_home(run_dir, h), model.first, "mple", torch.device("cpu"))
+               for h in range(min(config.holders, max_holders))]
+    test_sets = []
+    for holder in holders:
+        batches = list(holder.batches("test")())
+        test_sets.append((torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])))
+    labels = federation.dataset.test.labels
+    context = {"run": str(run_dir), "holders": len(holders), "dataset": config.dataset, "model": config.model,
+               "key_family": config.key_family}
+    context["majority_class_rate"] = float(np.bincount(labels).max() / len(labels))
+    return cross_key_matrix(model.backbone, [holder.first for holder in holders], test_sets), context
+
+
 # ------------------------------------------------------------------------------------------ command
 def _parser() -> argparse.ArgumentParser:
     from simulation.keys import add_setup_arguments
@@ -151,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a small backbone on the holders' morphed data (each through its own AugConv), then measure the accuracy "
         "of every holder's AugConv on every holder's morphed test data.",
     )
+    parser.add_argument("--run", type=Path, help="use a finished simulation.run folder (its global backbone and "
+                        "holders) instead of training a demonstration backbone")
     parser.add_argument("--holders", type=int, default=3, help="number of data holders (default 3)")
     add_setup_arguments(parser)
     parser.add_argument("--epochs", type=int, default=5, help="training epochs of the demonstration backbone (default 5)")
@@ -162,6 +201,13 @@ def _main(argv: list[str] | None) -> int:
     from simulation.keys import setup_from_arguments
 
     args = _parser().parse_args(argv)
+    if args.run is not None:
+        accuracy, context = cross_key_for_run(args.run)
+        with np.printoptions(precision=3, suppress=True):
+            print(accuracy)
+        json_path, png_path = write_cross_key(accuracy, args.out, chance=context["majority_class_rate"], context=context)
+        print(f"wrote {json_path} and {png_path}")
+        return 0
     setup = setup_from_arguments(args, holders=args.holders)
     backbone, augconvs, test_sets = train_demo_backbone(
         args.model, setup.dataset, setup.first_conv, setup.keys, setup.orders, epochs=args.epochs, seed=args.seed
