@@ -228,3 +228,11 @@ def test_differential_privacy_clips_backbone_updates(tmp_path, mode):
     aggregate = federation.arrays.to_torch_state_dict()
     moved = math.sqrt(sum((aggregate[n] - sent[n]).pow(2).sum().item() for n in sent))
     assert 0 < moved <= clip * (1 + 1e-4)
+
+
+def test_a_user_strategy_from_a_file_runs_the_federation(tmp_path):
+    spec = f"{Path(__file__).resolve().parents[1] / 'strategies/examples/accuracy_weighted.py'}:AccuracyWeightedFedAvg"
+    metrics, _, federation = run_in_process(tmp_path, strategy=spec, strategy_args={"temperature": 0.05})
+    assert type(federation.strategy).__name__ == "AccuracyWeightedFedAvg"
+    assert "AccuracyWeightedFedAvg" in json.dumps(metrics["strategy"])
+    assert all(row["holders_trained"] == 3 for row in metrics["rounds"])
