@@ -236,3 +236,32 @@ def test_a_user_strategy_from_a_file_runs_the_federation(tmp_path):
     assert type(federation.strategy).__name__ == "AccuracyWeightedFedAvg"
     assert "AccuracyWeightedFedAvg" in json.dumps(metrics["strategy"])
     assert all(row["holders_trained"] == 3 for row in metrics["rounds"])
+
+
+def test_each_holder_builds_its_key_and_augconv_once(tmp_path, monkeypatch):
+    from clients.augconv import AugConv
+    from clients.keys import HolderKey as Key
+
+    built = {"augconv": 0, "key": 0}
+    original_build, original_generate = AugConv.from_conv.__func__, Key.generate.__func__
+
+    def counting_build(cls, *args, **kwargs):
+        built["augconv"] += 1
+        return original_build(cls, *args, **kwargs)
+
+    def counting_generate(cls, *args, **kwargs):
+        built["key"] += 1
+        return original_generate(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AugConv, "from_conv", classmethod(counting_build))
+    monkeypatch.setattr(Key, "generate", classmethod(counting_generate))
+    metrics, grid, _ = run_in_process(tmp_path, rounds=3)
+    assert sum(message.metadata.message_type == "train" for message, _ in grid.log) == 9
+    assert built == {"augconv": 3, "key": 3}
+
+
+def test_gpus_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--gpus-per-holder", "0.5", "--out", str(tmp_path / "run")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
