@@ -236,7 +236,9 @@ class Federation:
         )
         replies = self.grid.send_and_receive(messages)
         ok = [reply for reply in replies if not reply.has_error()]
-        if ok and config.get("split") != "global":
+        # Holders with no test images (--test-fraction 0, or two images each) reply with 0 examples, and Flower's
+        # aggregation would divide by their total.
+        if _weighted(ok, "eval-loss") is not None and config.get("split") != "global":
             self.strategy.aggregate_evaluate(self.round, ok)
         evaluation = {
             "loss": _weighted(ok, "eval-loss"),

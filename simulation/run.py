@@ -23,8 +23,15 @@ VARIANTS = ("mple", "baseline")
 RUN_MARKER = "config.json"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other usage error (its usage block alone is 36 lines)."""
+
+    def error(self, message: str):
+        self.exit(UsageError.exit_code, f"error: {message}; see {self.prog} --help\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m simulation.run",
         description="Federated Metamorphosed Learning: each holder morphs its images with its own secret key and "
         "trains the shared backbone through its own augmented convolution. Flags override --config.",
@@ -109,14 +116,29 @@ def _int_list(flag: str, text: str) -> list[int]:
 
 
 def preflight(config: ExperimentConfig) -> None:
-    """Everything that can be checked before a run folder exists: data, partition, model, strategy, layers."""
-    from server.first_layer import initial_model
+    """Everything that can be checked before a run folder exists: data, partition, model, first-layer file, key
+    settings, strategy, layers."""
+    from clients.holder import key_padding
+    from clients.keys import _domain_shape, _resolve_block_size
+    from server.first_layer import form_first_layer, initial_model
     from server.server_app import shared_backbone_names, unknown_local_layers
     from simulation.federation import federation_for
     from strategies.registry import build_strategy
 
+    if config.gpus_per_holder > 0 and not config.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--gpus-per-holder {config.gpus_per_holder} asks for GPUs, but torch sees no CUDA "
+                             "device here; drop the flag to run on the CPU, or join a cluster with --ray-address")
     federation = federation_for(config)
-    model = initial_model(config, federation)
+    if config.first_layer.startswith("file:"):
+        model, _ = form_first_layer(config, federation)  # reads the file now, not inside the run
+    else:
+        model = initial_model(config, federation)
+    # The checks HolderKey.generate makes in every holder, without drawing a key.
+    padding = key_padding(config, model.first)
+    _resolve_block_size(config.key_family, config.block_size, _domain_shape(federation.dataset.image_shape, padding))
     missing = unknown_local_layers(model, config)
     if missing:
         raise UsageError(f"--local-layers names {missing}, which the {config.model} backbone does not have; "
@@ -139,7 +161,10 @@ def prepare_run_dir(config: ExperimentConfig, out: Path | None, *, exist_ok: boo
         raise UsageError(f"--out {out} is a file; give a folder path")
     if out.exists() and any(out.iterdir()) and not exist_ok:
         raise UsageError(f"run folder {out} already exists and is not empty; choose a new --out or --resume it")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create run folder {out}: {error.strerror}; choose another --out") from None
     if not (out / RUN_MARKER).exists():
         atomic_write_json(out / RUN_MARKER, config.to_dict())
     return out
@@ -220,7 +245,11 @@ def main(argv=None) -> int:
             run_dir = Path(args.resume).expanduser()
             if not (run_dir / RUN_MARKER).is_file():
                 raise UsageError(f"--resume {run_dir}: no {RUN_MARKER} there; give the folder of an earlier run")
-            config = ExperimentConfig.from_json((run_dir / RUN_MARKER).read_text()).validate()
+            try:
+                config = ExperimentConfig.from_json((run_dir / RUN_MARKER).read_text()).validate()
+            except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not a run's settings
+                raise UsageError(f"--resume {run_dir}: its {RUN_MARKER} is not a run's settings ({error}); give the "
+                                 "folder of an earlier run") from None
         else:
             config = config_from_args(args)
             preflight(config)
