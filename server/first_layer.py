@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ def _load(model: SplitModel, path: Path) -> dict:
         model.first.load_state_dict(checkpoint["first"])
         if "backbone" in checkpoint:
             model.backbone.load_state_dict(checkpoint["backbone"])
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as error:
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(
             f"first-layer file {path} does not fit this model ({first_line}); give a first_layer.pt from a run "
