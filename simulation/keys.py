@@ -41,7 +41,9 @@ from clients.keys import ENTRY_DISTRIBUTIONS, FAMILIES, HolderKey
 from clients.morphing import morph
 from server.attacks.common import (
     display_image,
+    new_output_folder,
     normalized_images,
+    positive_int,
     run_command,
     to_domain,
     to_pixels,
@@ -437,9 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--holders", type=int, default=3, help="number of data holders (default 3)")
     add_setup_arguments(compare)
-    compare.add_argument("--samples", type=int, default=16, help="images for the SSIM/PSNR columns (default 16)")
-    compare.add_argument("--timing-batch", type=int, default=64, help="batch size of the timing (default 64)")
-    compare.add_argument("--timing-repeats", type=int, default=10, help="timed repeats per measurement; the median is reported (default 10)")
+    compare.add_argument("--samples", type=positive_int, default=16, help="images for the SSIM/PSNR columns (default 16)")
+    compare.add_argument("--timing-batch", type=positive_int, default=64, help="batch size of the timing (default 64)")
+    compare.add_argument("--timing-repeats", type=positive_int, default=10, help="timed repeats per measurement; the median is reported (default 10)")
     compare.add_argument("--no-known-plaintext", action="store_true", help="skip the known-plaintext demonstration")
     compare.add_argument("--out", type=Path, default=Path("results/keys"), help="output folder for keys.json and morph.png (default results/keys)")
     return parser
@@ -447,6 +449,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    new_output_folder(args.out, ("keys.json", "morph.png"))
     setup = setup_from_arguments(args, holders=args.holders)
     dataset = setup.dataset
     images = torch.from_numpy(np.concatenate([dataset.train.images, dataset.test.images]))

@@ -129,3 +129,24 @@ def parse_counts(text: str) -> list[int]:
     if not counts or counts[0] < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return counts
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def new_output_folder(path: Path, results: Sequence[str]) -> Path:
+    """Refuse an --out that is a file or that already holds results, so that earlier results are never overwritten."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a folder")
+    existing = [name for name in results if (path / name).exists()]
+    if existing:
+        raise UsageError(f"--out {path} already holds {existing[0]} from an earlier run; choose a new --out")
+    return path

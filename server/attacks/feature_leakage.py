@@ -26,6 +26,7 @@ from clients.morphing import morph
 from server.attacks.common import (
     display_image,
     normalized_images,
+    positive_int,
     run_command,
     to_pixels,
     write_json,
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_setup_arguments(parser)
     parser.add_argument("--holder", type=int, default=0, help="which holder's AugConv (default 0)")
-    parser.add_argument("--samples", type=int, default=16, help="test images measured (default 16); the grid shows the first")
+    parser.add_argument("--samples", type=positive_int, default=16, help="test images measured (default 16); the grid shows the first")
     parser.add_argument("--out", type=Path, default=Path("results/attacks/feature_leakage"), help="output folder for feature_leakage.json and .png")
     return parser
 
