@@ -150,3 +150,14 @@ def new_output_folder(path: Path, results: Sequence[str]) -> Path:
     if existing:
         raise UsageError(f"--out {path} already holds {existing[0]} from an earlier run; choose a new --out")
     return path
+
+
+def holder_index(text: str) -> int:
+    """argparse type: a holder id, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a holder id (0, 1, ...), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a holder id (0, 1, ...), got {text!r}")
+    return value

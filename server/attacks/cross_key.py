@@ -22,7 +22,7 @@ from torch import nn
 from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import run_command, write_json
+from server.attacks.common import run_command, write_json, positive_int
 from simulation.data import ImageDataset, normalize, partition
 from simulation.models import build_model
 
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
                         "holders) instead of training a demonstration backbone")
     parser.add_argument("--holders", type=int, default=3, help="number of data holders (default 3)")
     add_setup_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs of the demonstration backbone (default 5)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs of the demonstration backbone (default 5)")
     parser.add_argument("--out", type=Path, default=Path("results/attacks/cross_key"), help="output folder for cross_key.json and .png")
     return parser
 

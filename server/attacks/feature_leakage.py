@@ -30,6 +30,7 @@ from server.attacks.common import (
     run_command,
     to_pixels,
     write_json,
+    holder_index,
 )
 from simulation.imagemetrics import ssim_per_image
 
@@ -115,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Show a holder's AugConv output maps for morphed images and measure how much they resemble the originals.",
     )
     add_setup_arguments(parser)
-    parser.add_argument("--holder", type=int, default=0, help="which holder's AugConv (default 0)")
+    parser.add_argument("--holder", type=holder_index, default=0, help="which holder's AugConv (default 0)")
     parser.add_argument("--samples", type=positive_int, default=16, help="test images measured (default 16); the grid shows the first")
     parser.add_argument("--out", type=Path, default=Path("results/attacks/feature_leakage"), help="output folder for feature_leakage.json and .png")
     return parser

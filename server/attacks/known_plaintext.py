@@ -40,6 +40,8 @@ from server.attacks.common import (
     to_domain,
     to_pixels,
     write_json,
+    holder_index,
+    positive_int,
 )
 from simulation.errors import UsageError
 
@@ -232,9 +234,9 @@ def _parser() -> argparse.ArgumentParser:
         "pairs by least squares, decrypt other images, and plot PSNR/SSIM against k.",
     )
     add_setup_arguments(parser)
-    parser.add_argument("--holder", type=int, default=0, help="which holder's key to attack (default 0)")
+    parser.add_argument("--holder", type=holder_index, default=0, help="which holder's key to attack (default 0)")
     parser.add_argument("--known", type=parse_counts, default=None, help="known-image counts, e.g. 1,2,4 (default: powers of two up to twice the number needed)")
-    parser.add_argument("--test-images", type=int, default=32, help="images decrypted and scored at each point (default 32)")
+    parser.add_argument("--test-images", type=positive_int, default=32, help="images decrypted and scored at each point (default 32)")
     parser.add_argument("--out", type=Path, default=Path("results/attacks/known_plaintext"), help="output folder for known_plaintext.json and .png")
     return parser
 

@@ -51,6 +51,8 @@ from server.attacks.common import (
     to_domain,
     to_pixels,
     write_json,
+    holder_index,
+    positive_int,
 )
 from simulation.errors import UsageError
 
@@ -231,8 +233,8 @@ def _parser() -> argparse.ArgumentParser:
         "AugConv, then decrypt the holder's morphed images. Needs C of full row rank (beta*n^2 > N).",
     )
     add_setup_arguments(parser)
-    parser.add_argument("--holder", type=int, default=0, help="which holder to attack (default 0)")
-    parser.add_argument("--test-images", type=int, default=32, help="morphed images decrypted and scored (default 32)")
+    parser.add_argument("--holder", type=holder_index, default=0, help="which holder to attack (default 0)")
+    parser.add_argument("--test-images", type=positive_int, default=32, help="morphed images decrypted and scored (default 32)")
     parser.add_argument("--out", type=Path, default=Path("results/attacks/reversing"), help="output folder for reversing.json")
     return parser
 
