@@ -131,15 +131,23 @@ def parse_counts(text: str) -> list[int]:
     return counts
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, expected: str):
+    """An argparse type for integers of at least `minimum`; `expected` names them in the error."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
+
+
+positive_int = _int_at_least(1, "a positive integer")
+holder_index = _int_at_least(0, "a holder id (0, 1, ...)")
 
 
 def new_output_folder(path: Path, results: Sequence[str]) -> Path:
@@ -150,14 +158,3 @@ def new_output_folder(path: Path, results: Sequence[str]) -> Path:
     if existing:
         raise UsageError(f"--out {path} already holds {existing[0]} from an earlier run; choose a new --out")
     return path
-
-
-def holder_index(text: str) -> int:
-    """argparse type: a holder id, 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a holder id (0, 1, ...), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a holder id (0, 1, ...), got {text!r}")
-    return value
