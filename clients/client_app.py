@@ -6,7 +6,6 @@ AugConv. It replies with the shared backbone entries only; holder-local entries 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -75,6 +74,7 @@ class HolderJob:
         self.config = config
         self.variant = settings["variant"]
         self.server_round = int(message.content["config"]["server-round"])
+        self.message_type = message.metadata.message_type
         self.holder_id = int(context.node_config["partition-id"])
         if not _STATE.threads_set:
             torch.set_num_threads(max(1, int(config.cpus_per_holder)))
@@ -103,7 +103,7 @@ class HolderJob:
         each brought into the holder's channel order."""
         plain_order = bool(message.content["config"].get("plain-order", False))
         # Training starts from the local entries of earlier rounds; evaluation uses those this round trained too.
-        training = message.metadata.message_type == MessageType.TRAIN
+        training = self.message_type == MessageType.TRAIN
         local = self.holder.load_local_state(self.server_round if training else self.server_round + 1)
         initial_local = message.content[INITIAL_LOCAL].to_torch_state_dict()
         in_plain = dict(self.received) if plain_order else {}
@@ -128,18 +128,15 @@ class HolderJob:
         )
 
     def evaluate_test_split(self) -> tuple[float, float]:
-        """(loss, accuracy) on the holder's own test split. The model a holder evaluates after round r is the
-        one it starts round r+1 from, so the result is kept and reused when the model is bit-for-bit the same."""
-        digest = hashlib.sha256()
-        for name, value in self.backbone.state_dict().items():
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        model = digest.hexdigest()
-        cached = getattr(self.holder, "test_evaluation", None)
-        if cached is not None and cached[0] == model:
+        """(loss, accuracy) on the holder's own test split. The model evaluated after round r (global arrays of
+        round r, local entries as of round r) is exactly the one round r+1's training starts from, so a training
+        message reuses that result instead of evaluating again."""
+        model_round = self.server_round - 1 if self.message_type == MessageType.TRAIN else self.server_round
+        cached = self.holder.test_evaluation
+        if cached is not None and cached[0] == model_round:
             return cached[1], cached[2]
         loss, accuracy, _ = evaluate(self.holder.first, self.backbone, self.holder.batches("test"))
-        self.holder.test_evaluation = (model, loss, accuracy)
+        self.holder.test_evaluation = (model_round, loss, accuracy)
         return loss, accuracy
 
     def fail_if_injected(self, stage: str) -> None:

@@ -142,6 +142,7 @@ class Holder:
         self.order = channel_order(config, holder_id, first_conv.out_channels)
         self.first_layer_fingerprint = conv_fingerprint(first_conv)
         self.key: HolderKey | None = None
+        self.test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
         if variant == "mple":
             padding = key_padding(config, first_conv)
             self.key = holder_key(config, holder_id, self.home, self._dataset.image_shape, padding)
@@ -196,13 +197,12 @@ class Holder:
     def local_state_path(self, server_round: int) -> Path:
         return self.home / f"local-{self.variant}-r{server_round:05d}.pt"
 
+    def _saved_rounds(self) -> list[int]:
+        return sorted(int(path.stem.rsplit("-r", 1)[1]) for path in self.home.glob(f"local-{self.variant}-r*.pt"))
+
     def load_local_state(self, before_round: int) -> dict[str, torch.Tensor] | None:
         """The holder-local backbone entries saved by the latest round before `before_round`."""
-        rounds = sorted(
-            int(path.stem.rsplit("-r", 1)[1])
-            for path in self.home.glob(f"local-{self.variant}-r*.pt")
-            if int(path.stem.rsplit("-r", 1)[1]) < before_round
-        )
+        rounds = [saved for saved in self._saved_rounds() if saved < before_round]
         if not rounds:
             return None
         return torch.load(self.local_state_path(rounds[-1]), map_location="cpu", weights_only=True)
@@ -210,9 +210,9 @@ class Holder:
     def save_local_state(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         atomic_torch_save({name: value.detach().cpu() for name, value in state.items()},
                           self.local_state_path(server_round), private=True)
-        for path in self.home.glob(f"local-{self.variant}-r*.pt"):
-            if int(path.stem.rsplit("-r", 1)[1]) < server_round - 1:
-                path.unlink(missing_ok=True)
+        for saved in self._saved_rounds():
+            if saved < server_round - 1:
+                self.local_state_path(saved).unlink(missing_ok=True)
 
 
 def _permuted_frozen(conv: nn.Conv2d, order: torch.Tensor) -> nn.Conv2d:

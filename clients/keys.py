@@ -358,6 +358,12 @@ class HolderKey:
         _check_finite(self._blocks, "key")
 
 
+def check_key_geometry(image_shape: Sequence[int], family: str, block_size: int | None, padding: int) -> int:
+    """The checks `HolderKey.generate` makes on the key's shape, without drawing a key; returns q."""
+    _check_choice("key family", family, FAMILIES)
+    return _resolve_block_size(family, block_size, _domain_shape(image_shape, padding))
+
+
 def _domain_shape(image_shape: Sequence[int], padding: int) -> tuple[int, int, int]:
     shape = tuple(image_shape)
     if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in shape):

@@ -71,6 +71,26 @@ def unknown_local_layers(model: SplitModel, config: ExperimentConfig) -> list[st
     ]
 
 
+def make_strategy(config: ExperimentConfig):
+    """The run's strategy with the run's sampling, wrapped for differential privacy when asked."""
+    strategy = build_strategy(
+        config.strategy,
+        dict(config.strategy_args),
+        num_holders=config.holders,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_holders=config.min_holders,
+        min_evaluate_holders=config.min_holders,
+        learning_rate=config.lr,
+    )
+    if config.dp:
+        strategy = with_differential_privacy(
+            strategy, mode=config.dp, noise_multiplier=config.dp_noise, clipping_norm=config.dp_clip,
+            num_sampled_holders=sampled_train_holders(strategy, config.holders),
+        )
+    return strategy
+
+
 class Federation:
     """One variant's run: the loop over rounds with its state, checkpoints and metrics."""
 
@@ -88,7 +108,7 @@ class Federation:
         state = self.model.backbone.state_dict()
         self.initial_local = ArrayRecord({n: v for n, v in state.items() if n not in self.shared})
         self.grid = AuditGrid(grid, self.shared)
-        self.strategy = self._strategy()
+        self.strategy = make_strategy(config)
         self.experiment = json.dumps(
             {"config": config.to_dict(), "variant": settings.variant, "run-dir": str(settings.run_dir.resolve())}
         )
@@ -110,26 +130,6 @@ class Federation:
         atomic_torch_save({"first": model.first.state_dict(), "backbone": model.backbone.state_dict()}, path)
         atomic_write_json(self.settings.run_dir / "first_layer.json", summary)
         return model, summary
-
-    def _strategy(self):
-        config = self.config
-        strategy = build_strategy(
-            config.strategy,
-            dict(config.strategy_args),
-            num_holders=config.holders,
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate,
-            min_train_holders=config.min_holders,
-            min_evaluate_holders=config.min_holders,
-            learning_rate=config.lr,
-        )
-        if config.dp:
-            sampled = sampled_train_holders(strategy, config.holders)
-            strategy = with_differential_privacy(
-                strategy, mode=config.dp, noise_multiplier=config.dp_noise, clipping_norm=config.dp_clip,
-                num_sampled_holders=sampled,
-            )
-        return strategy
 
     # ------------------------------------------------------------ messages
     def _config(self, **extra) -> ConfigRecord:

@@ -119,11 +119,10 @@ def preflight(config: ExperimentConfig) -> None:
     """Everything that can be checked before a run folder exists: data, partition, model, first-layer file, key
     settings, strategy, layers."""
     from clients.holder import key_padding
-    from clients.keys import _domain_shape, _resolve_block_size
+    from clients.keys import check_key_geometry
     from server.first_layer import form_first_layer, initial_model
-    from server.server_app import shared_backbone_names, unknown_local_layers
+    from server.server_app import make_strategy, shared_backbone_names, unknown_local_layers
     from simulation.federation import federation_for
-    from strategies.registry import build_strategy
 
     if config.gpus_per_holder > 0 and not config.ray_address:
         import torch
@@ -138,16 +137,13 @@ def preflight(config: ExperimentConfig) -> None:
         model = initial_model(config, federation)
     # The checks HolderKey.generate makes in every holder, without drawing a key.
     padding = key_padding(config, model.first)
-    _resolve_block_size(config.key_family, config.block_size, _domain_shape(federation.dataset.image_shape, padding))
+    check_key_geometry(federation.dataset.image_shape, config.key_family, config.block_size, padding)
     missing = unknown_local_layers(model, config)
     if missing:
         raise UsageError(f"--local-layers names {missing}, which the {config.model} backbone does not have; "
                          f"its layers are {sorted({name.rsplit('.', 1)[0] for name in model.backbone.state_dict()})}")
     shared_backbone_names(model, config)
-    build_strategy(config.strategy, dict(config.strategy_args), num_holders=config.holders,
-                   fraction_train=config.fraction_train, fraction_evaluate=config.fraction_evaluate,
-                   min_train_holders=config.min_holders, min_evaluate_holders=config.min_holders,
-                   learning_rate=config.lr)
+    make_strategy(config)
 
 
 def prepare_run_dir(config: ExperimentConfig, out: Path | None, *, exist_ok: bool = False) -> Path:

@@ -158,3 +158,16 @@ def new_output_folder(path: Path, results: Sequence[str]) -> Path:
     if existing:
         raise UsageError(f"--out {path} already holds {existing[0]} from an earlier run; choose a new --out")
     return path
+
+
+def attack_parser(name: str, description: str, *, holder_help: str) -> argparse.ArgumentParser:
+    """The arguments every single-holder attack command shares: the experiment set-up, which holder, where to
+    write (results/attacks/NAME by default)."""
+    from simulation.keys import add_setup_arguments
+
+    parser = argparse.ArgumentParser(prog=f"python -m server.attacks.{name}", description=description)
+    add_setup_arguments(parser)
+    parser.add_argument("--holder", type=holder_index, default=0, help=f"{holder_help} (default 0)")
+    parser.add_argument("--out", type=Path, default=Path(f"results/attacks/{name}"),
+                        help=f"output folder for {name}.json and its figure (default results/attacks/{name})")
+    return parser

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from clients.augconv import AugConv
 from clients.morphing import morph
 from server.attacks.common import (
+    attack_parser,
     display_image,
     normalized_images,
     positive_int,
     run_command,
     to_pixels,
     write_json,
-    holder_index,
 )
 from simulation.imagemetrics import ssim_per_image
 
@@ -109,16 +109,12 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ command
 def _parser() -> argparse.ArgumentParser:
-    from simulation.keys import add_setup_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m server.attacks.feature_leakage",
-        description="Show a holder's AugConv output maps for morphed images and measure how much they resemble the originals.",
+    parser = attack_parser(
+        "feature_leakage",
+        "Show a holder's AugConv output maps for morphed images and measure how much they resemble the originals.",
+        holder_help="which holder's AugConv",
     )
-    add_setup_arguments(parser)
-    parser.add_argument("--holder", type=holder_index, default=0, help="which holder's AugConv (default 0)")
     parser.add_argument("--samples", type=positive_int, default=16, help="test images measured (default 16); the grid shows the first")
-    parser.add_argument("--out", type=Path, default=Path("results/attacks/feature_leakage"), help="output folder for feature_leakage.json and .png")
     return parser
 
 

@@ -32,16 +32,16 @@ import torch
 from clients.keys import HolderKey
 from clients.morphing import morph
 from server.attacks.common import (
+    attack_parser,
     data_coordinates,
     normalized_images,
     parse_counts,
+    positive_int,
     reconstruction_quality,
     run_command,
     to_domain,
     to_pixels,
     write_json,
-    holder_index,
-    positive_int,
 )
 from simulation.errors import UsageError
 
@@ -226,18 +226,14 @@ def _least_squares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 
 # ------------------------------------------------------------------------------------------ command
 def _parser() -> argparse.ArgumentParser:
-    from simulation.keys import add_setup_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m server.attacks.known_plaintext",
-        description="Known-plaintext attack on one holder's key: recover it from k known (image, morphed image) "
+    parser = attack_parser(
+        "known_plaintext",
+        "Known-plaintext attack on one holder's key: recover it from k known (image, morphed image) "
         "pairs by least squares, decrypt other images, and plot PSNR/SSIM against k.",
+        holder_help="which holder's key to attack",
     )
-    add_setup_arguments(parser)
-    parser.add_argument("--holder", type=holder_index, default=0, help="which holder's key to attack (default 0)")
     parser.add_argument("--known", type=parse_counts, default=None, help="known-image counts, e.g. 1,2,4 (default: powers of two up to twice the number needed)")
     parser.add_argument("--test-images", type=positive_int, default=32, help="images decrypted and scored at each point (default 32)")
-    parser.add_argument("--out", type=Path, default=Path("results/attacks/known_plaintext"), help="output folder for known_plaintext.json and .png")
     return parser
 
 

@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,14 +44,14 @@ from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
 from server.attacks.common import (
+    attack_parser,
     normalized_images,
+    positive_int,
     reconstruction_quality,
     run_command,
     to_domain,
     to_pixels,
     write_json,
-    holder_index,
-    positive_int,
 )
 from simulation.errors import UsageError
 
@@ -225,17 +224,13 @@ def _order_from_bias(conv: nn.Conv2d, augconv: AugConv) -> list[int] | None:
 
 # ------------------------------------------------------------------------------------------ command
 def _parser() -> argparse.ArgumentParser:
-    from simulation.keys import add_setup_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m server.attacks.reversing",
-        description="Reversing attack: recover a holder's channel order and M^-1 from the first convolution and the holder's "
+    parser = attack_parser(
+        "reversing",
+        "Reversing attack: recover a holder's channel order and M^-1 from the first convolution and the holder's "
         "AugConv, then decrypt the holder's morphed images. Needs C of full row rank (beta*n^2 > N).",
+        holder_help="which holder to attack",
     )
-    add_setup_arguments(parser)
-    parser.add_argument("--holder", type=holder_index, default=0, help="which holder to attack (default 0)")
     parser.add_argument("--test-images", type=positive_int, default=32, help="morphed images decrypted and scored (default 32)")
-    parser.add_argument("--out", type=Path, default=Path("results/attacks/reversing"), help="output folder for reversing.json")
     return parser
 
 
