@@ -94,16 +94,10 @@ def test_no_message_carries_a_key_or_an_augconv(tmp_path):
 
 
 def test_audit_refuses_a_reply_with_a_local_entry():
-    class FakeGrid(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            return replies
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-    audit = AuditGrid(FakeGrid(1), shared_names={"a"})
-    from flwr.app import ArrayRecord, Message, MessageType, RecordDict
-
-    message = Message(RecordDict({"config": __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord()}),
-                      dst_node_id=1000, message_type=MessageType.QUERY)
+    audit = AuditGrid(InProcessGrid(1), shared_names={"a"})
+    message = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1000, message_type=MessageType.QUERY)
     message.metadata.__dict__["_message_id"] = "x"
     reply = Message(RecordDict({"arrays": ArrayRecord({"b": torch.zeros(1)})}), reply_to=message)
     with pytest.raises(AuditViolation, match="non-shared"):
