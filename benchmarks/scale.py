@@ -33,7 +33,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python benchmarks/scale.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
+from clients.holder import Holder
+from clients.secrets import holder_secrets
+from server.first_layer import initial_model
+from server.plan import shared_backbone_names
+from simulation.config import build_config
 from simulation.errors import UsageError
+from simulation.placement import placement_for
+from simulation.protocol import HolderSettings
 
 GIB = 2**30
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -154,36 +163,29 @@ def run_size(holders: int, args: argparse.Namespace, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------ one holder
 def holder_costs(args: argparse.Namespace, holders: int, repeats: int = 20) -> dict:
     """Median seconds of a holder's first-time setup and of loading it back from its folder, in this process."""
-    import torch
-
-    from clients.holder import Holder
-    from server.first_layer import initial_model
-    from server.server_app import shared_backbone_names
-    from simulation.config import build_config
-    from simulation.federation import federation_for
-
     torch.set_num_threads(1)
     config = build_config({"holders": holders, "dataset": args.dataset, "model": args.model,
                            "public_fraction": args.public_fraction, "test_fraction": args.test_fraction,
                            "seed": args.seed})  # fmt: skip
-    federation = federation_for(config)
+    federation = placement_for(config)
     model = initial_model(config, federation)
+    settings = HolderSettings.from_config(config, "mple")
     first_setup, reload = [], []
     with tempfile.TemporaryDirectory() as folder:
         for holder in range(min(repeats, holders)):
             home = Path(folder) / f"holder-{holder:04d}"
             started = time.perf_counter()
-            Holder(holder, config, home, model.first, "mple", torch.device("cpu"))
+            Holder(holder, settings, home, holder_secrets(home, holder), model.first, torch.device("cpu"))
             first_setup.append(time.perf_counter() - started)
             started = time.perf_counter()
-            Holder(holder, config, home, model.first, "mple", torch.device("cpu"))
+            Holder(holder, settings, home, holder_secrets(home, holder), model.first, torch.device("cpu"))
             reload.append(time.perf_counter() - started)
         files = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()) / min(repeats, holders)
     state = model.backbone.state_dict()
     shared = shared_backbone_names(model, config)
     message = sum(state[name].numel() * state[name].element_size() for name in shared)
     message += sum(value.numel() * value.element_size() for value in model.first.state_dict().values())
-    message += len(json.dumps(config.to_dict()))
+    message += len(settings.to_json())
     return {
         "first_setup_ms": round(1000 * statistics.median(first_setup), 1),
         "reload_ms": round(1000 * statistics.median(reload), 1),

@@ -20,32 +20,24 @@ import torch
 
 from server.first_layer import initial_model
 from simulation.config import build_config
-from simulation.data import normalize
-from simulation.federation import derive_seed, federation_for
-from simulation.run import run_variant
+from simulation.data import image_batches
+from simulation.placement import placement_for
+from simulation.run import holder_side, run_variant
+from simulation.seeds import derive_seed
 from simulation.training import evaluate, train_epochs
 
 
 def plain_loop(config) -> tuple[float, list[float]]:
     """FedAvg rounds, holder after holder, in this process: the work a federation does, without the federation."""
-    federation = federation_for(config)
+    federation = placement_for(config)
     dataset = federation.dataset
     model = initial_model(config, federation)
     model.first.requires_grad_(False)
     global_state = copy.deepcopy(model.backbone.state_dict())
 
     def batches(indices, seed=None):
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-
-        def iterate():
-            order = torch.randperm(len(indices), generator=generator).numpy() if generator else range(len(indices))
-            order = indices[list(order)]
-            for start in range(0, len(order), config.batch_size):
-                chosen = order[start : start + config.batch_size]
-                yield (normalize(torch.from_numpy(dataset.train.images[chosen]), dataset.mean, dataset.std),
-                       torch.from_numpy(dataset.train.labels[chosen]))
-
-        return iterate
+        return image_batches(dataset.train, indices, batch_size=config.batch_size, mean=dataset.mean, std=dataset.std,
+                             generator=None if seed is None else torch.Generator().manual_seed(seed))
 
     round_seconds = []
     started = time.perf_counter()
@@ -83,13 +75,15 @@ def main(argv=None) -> int:
     dataset = args.dataset or f"npz:{(args.data / 'cifar10-subset.npz').resolve()}"
     config = build_config({"holders": args.holders, "rounds": args.rounds, "dataset": dataset, "model": args.model,
                            "first_layer": "random", "augment": False})
-    federation_for(config)  # load once, outside both timings
+    placement_for(config)  # load once, outside both timings
 
     torch.set_num_threads(int(config.cpus_per_holder))
     plain_total, plain_rounds = plain_loop(config)
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        metrics = run_variant(config, Path(folder) / "run", "mple", progress=lambda line: None)
+        run_dir = Path(folder) / "run"
+        metrics = run_variant(config, run_dir, "mple", holder_side(config, run_dir, holder_seed=0),
+                              progress=lambda line: None)
         real_total = time.perf_counter() - started
     real_rounds = [row["seconds"] for row in metrics["rounds"]]
     per_holder_round = sum(plain_rounds) / (config.rounds * config.holders)

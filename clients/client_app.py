@@ -2,106 +2,146 @@
 
 The training code below only ever sees what `clients.holder.Holder` hands it: morphed batches and a frozen
 AugConv. It replies with the shared backbone entries only; holder-local entries stay in the holder's folder.
+
+Everything secret or holder-specific comes from the holder's side, never from the server: its folder and secrets
+(node config `holder-dir`, `holder-seed`, `federation-secret`, `dataset` on a SuperNode; in a simulation the
+launcher's `HolderSide`, which travels inside the ClientApp to the holders' processes and nowhere else). From the
+server it takes only its slice of the settings (`simulation.protocol.HolderSettings`), validated on arrival.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from torch import nn
 
-from clients.holder import Holder, HolderCache, conv_fingerprint, holder_home
-from simulation.config import ExperimentConfig
-from simulation.federation import derive_seed, federation_for
+from clients.holder import Holder, HolderCache, conv_fingerprint, holder_folder_name
+from clients.secrets import HolderProvision, holder_secrets
 from simulation.models import SplitModel, build_model, permute_first_layer_channels
+from simulation.placement import placement_for
+from simulation.protocol import (
+    ACTION,
+    ARRAYS,
+    CONFIG,
+    FIRST_LAYER,
+    HOLDER_ID,
+    HOLDER_INFO,
+    INITIAL_LOCAL,
+    METRICS,
+    PLAIN_ORDER,
+    SERVER_ROUND,
+    SETTINGS,
+    SPLIT,
+    HolderSettings,
+)
 from simulation.training import evaluate, pick_device, train_epochs
-
-# Message contents the ServerApp adds next to the strategy's "arrays" and "config".
-FIRST_LAYER = "first-layer"
-INITIAL_LOCAL = "initial-local"
-HOLDER_INFO = "holder"
-EXPERIMENT = "experiment"
-
 
 class InjectedFailure(RuntimeError):
     """Raised on purpose by holders listed in --fail-holders, to test how rounds survive failures."""
 
 
+@dataclass(frozen=True)
+class HolderSide:
+    """What the launcher tells the holders and nobody else: where their folders are (`holders_root/holder-NNNN`),
+    what their secrets start from (`provision`: the holder seed, or a federation secret), and which holders fail on
+    purpose (a test hook)."""
+
+    holders_root: str | None = None
+    provision: HolderProvision | None = None
+    fail_holders: tuple[int, ...] = ()
+    fail_stage: str = "train"
+
+
 class _ProcessState:
-    """What one worker process keeps between messages: holders (bounded) and model skeletons."""
+    """What one worker process keeps between messages: holders (bounded), model skeletons, parsed settings."""
 
     def __init__(self):
         self.holders: HolderCache | None = None
         self.skeletons: dict[str, SplitModel] = {}
+        self.settings: dict[str, HolderSettings] = {}
         self.threads_set = False
 
 
 _STATE = _ProcessState()
 
 
-def experiment_of(message: Message) -> tuple[ExperimentConfig, dict]:
-    settings = json.loads(str(message.content["config"][EXPERIMENT]))
-    return ExperimentConfig(**settings["config"]), settings
+def settings_of(message: Message) -> HolderSettings:
+    """The server's settings for this holder, validated once per distinct text."""
+    text = str(message.content[CONFIG][SETTINGS])
+    if text not in _STATE.settings:
+        _STATE.settings[text] = HolderSettings.from_json(text)
+    return _STATE.settings[text]
 
 
-def _skeleton(config: ExperimentConfig, image_shape, num_classes: int) -> SplitModel:
+def _skeleton(settings: HolderSettings, image_shape, num_classes: int) -> SplitModel:
     """One model per process and experiment; every call overwrites its whole state, so it can be reused."""
-    name = json.dumps([config.model, list(image_shape), num_classes])
+    name = json.dumps([settings.model, list(image_shape), num_classes])
     if name not in _STATE.skeletons:
         _STATE.skeletons[name] = build_model(
-            config.model, in_channels=image_shape[0], num_classes=num_classes, image_size=tuple(image_shape[1:])
+            settings.model, in_channels=image_shape[0], num_classes=num_classes, image_size=tuple(image_shape[1:])
         )
     return _STATE.skeletons[name]
 
 
-def holder_folder(context: Context, run_dir: str, holder_id: int) -> Path:
-    """The holder's own folder (key, AugConv, local state): node config `holder-dir` on a SuperNode, else the
-    holder's folder in the run folder (simulation, where all holders share one machine)."""
+def holder_folder(context: Context, side: HolderSide, holder_id: int) -> Path:
+    """The holder's own folder, chosen on the holder's side only: node config `holder-dir` (a SuperNode), the
+    launcher's holders root (a simulation), else a folder of this run under the holder's own Flower home."""
     given = str(context.node_config.get("holder-dir", ""))
-    return Path(given).expanduser() if given else holder_home(run_dir, holder_id)
+    if given:
+        return Path(given).expanduser()
+    if side.holders_root:
+        return Path(side.holders_root) / holder_folder_name(holder_id)
+    flower_home = Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser()
+    return flower_home / "mple-holders" / f"run-{context.run_id}" / holder_folder_name(holder_id)
 
 
 class HolderJob:
     """One message's work for one holder: assembles the holder's model from what the server sent."""
 
-    def __init__(self, message: Message, context: Context):
-        config, settings = experiment_of(message)
-        self.config = config
-        self.variant = settings["variant"]
-        self.server_round = int(message.content["config"]["server-round"])
+    def __init__(self, message: Message, context: Context, side: HolderSide):
+        settings = settings_of(message)
+        self.settings = settings
+        self.side = side
+        self.server_round = int(message.content[CONFIG][SERVER_ROUND])
         self.message_type = message.metadata.message_type
         self.holder_id = int(context.node_config["partition-id"])
         if not _STATE.threads_set:
-            torch.set_num_threads(max(1, int(config.cpus_per_holder)))
+            torch.set_num_threads(max(1, int(settings.cpus_per_holder)))
             _STATE.threads_set = True
         if _STATE.holders is None:
-            _STATE.holders = HolderCache(config.holder_cache)
-        self.device = pick_device(config.gpus_per_holder)
-        dataset = federation_for(config).dataset
-        self.model = _skeleton(config, dataset.image_shape, dataset.num_classes)
-        first_state = message.content[FIRST_LAYER].to_torch_state_dict()
-        self.model.first.load_state_dict(first_state)
-        home = holder_folder(context, settings["run-dir"], self.holder_id)
+            _STATE.holders = HolderCache(settings.holder_cache)
+        self.device = pick_device(settings.gpus_per_holder)
+        dataset = placement_for(settings).dataset
+        self.model = _skeleton(settings, dataset.image_shape, dataset.num_classes)
+        self.model.first.load_state_dict(message.content[FIRST_LAYER].to_torch_state_dict())
+        home = holder_folder(context, side, self.holder_id)
         own_data = str(context.node_config.get("dataset", "")) or None
-        cache_key = (str(home), own_data, self.variant, self.holder_id, conv_fingerprint(self.model.first))
-        self.holder: Holder = _STATE.holders.get(
-            cache_key,
-            lambda: Holder(self.holder_id, config, home, self.model.first, self.variant, self.device,
-                           own_data=own_data),
-        )
+        cache_key = (str(home), own_data, settings, self.holder_id, conv_fingerprint(self.model.first))
+        self.holder: Holder = _STATE.holders.get(cache_key, lambda: self._open_holder(context, home, own_data))
         self.backbone = self.model.backbone.to(self.device)
-        self.received = message.content["arrays"].to_torch_state_dict()
+        self.received = message.content[ARRAYS].to_torch_state_dict()
         self._assemble(message)
+
+    def _open_holder(self, context: Context, home: Path, own_data: str | None) -> Holder:
+        node = context.node_config
+        if self.side.provision is not None and not {"holder-seed", "federation-secret"} & set(node):
+            secrets = self.side.provision.secrets_for(home, self.holder_id)
+        else:
+            secrets = holder_secrets(home, self.holder_id, holder_seed=node.get("holder-seed"),
+                                     federation_secret=str(node.get("federation-secret", "")) or None)
+        return Holder(self.holder_id, self.settings, home, secrets, self.model.first, self.device, own_data=own_data)
 
     def _assemble(self, message: Message) -> None:
         """Global entries from the message, holder-local ones from the holder's folder (or their initial values),
         each brought into the holder's channel order."""
-        plain_order = bool(message.content["config"].get("plain-order", False))
+        plain_order = bool(message.content[CONFIG].get(PLAIN_ORDER, False))
         # Training starts from the local entries of earlier rounds; evaluation uses those this round trained too.
         training = self.message_type == MessageType.TRAIN
         local = self.holder.load_local_state(self.server_round if training else self.server_round + 1)
@@ -140,25 +180,24 @@ class HolderJob:
         return loss, accuracy
 
     def fail_if_injected(self, stage: str) -> None:
-        if self.holder_id in self.config.fail_holders and self.config.fail_stage == stage:
+        if self.holder_id in self.side.fail_holders and self.side.fail_stage == stage:
             raise InjectedFailure(f"holder {self.holder_id} failed on purpose during {stage} (--fail-holders)")
 
-    def batch_seed(self, purpose: str) -> int:
-        return derive_seed(self.config.seed, purpose, self.holder_id, self.server_round)
+    def local_seed(self, purpose: str) -> int:
+        return self.holder.local_seed(purpose, self.server_round)
 
 
 def _reply(message: Message, arrays: ArrayRecord | None, metrics: dict, holder_id: int) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), HOLDER_INFO: ConfigRecord({"holder-id": holder_id})})
+    content = RecordDict({METRICS: MetricRecord(metrics), HOLDER_INFO: ConfigRecord({HOLDER_ID: holder_id})})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[ARRAYS] = arrays
     return Message(content=content, reply_to=message)
 
 
 def _clip_if_client_dp(message: Message, context: Context, call_next):
     """Flower's client-side fixed clipping, applied when the run asks for client-side DP. The mod expects the
     strategy's records only, so the holder's own records step aside while it runs."""
-    config, _ = experiment_of(message)
-    if config.dp != "client":
+    if settings_of(message).dp != "client":
         return call_next(message, context)
     extras = {name: message.content[name] for name in (FIRST_LAYER, INITIAL_LOCAL) if name in message.content}
     for name in extras:
@@ -172,25 +211,21 @@ def _clip_if_client_dp(message: Message, context: Context, call_next):
     return fixedclipping_mod(message, context, with_extras)
 
 
-app = ClientApp()
-
-
-@app.train(mods=[_clip_if_client_dp])
-def train(message: Message, context: Context) -> Message:
-    job = HolderJob(message, context)
+def train(message: Message, context: Context, side: HolderSide) -> Message:
+    job = HolderJob(message, context, side)
     job.fail_if_injected("train")
-    holder = job.holder
+    holder, settings, config = job.holder, job.settings, message.content[CONFIG]
     val_loss, val_accuracy = job.evaluate_test_split()
-    torch.manual_seed(job.batch_seed("dropout"))
-    proximal_mu = float(message.content["config"].get("proximal-mu", 0.0))
+    torch.manual_seed(job.local_seed("dropout"))
+    proximal_mu = float(config.get("proximal-mu", 0.0))
     loss, accuracy, _ = train_epochs(
         holder.first,
         job.backbone,
-        holder.batches("train", shuffle_seed=job.batch_seed("batches")),
-        epochs=job.config.local_epochs,
-        lr=float(message.content["config"].get("lr", job.config.lr)),
-        momentum=job.config.momentum,
-        weight_decay=job.config.weight_decay,
+        holder.batches("train", shuffle_seed=job.local_seed("batches")),
+        epochs=settings.local_epochs,
+        lr=float(config.get("lr", settings.lr)),
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
         proximal_mu=proximal_mu,
         anchor=job.received if proximal_mu > 0 else None,
     )
@@ -204,11 +239,10 @@ def train(message: Message, context: Context) -> Message:
     return _reply(message, job.reply_arrays(), metrics, job.holder_id)
 
 
-@app.evaluate()
-def evaluate_holder(message: Message, context: Context) -> Message:
-    job = HolderJob(message, context)
+def evaluate_holder(message: Message, context: Context, side: HolderSide) -> Message:
+    job = HolderJob(message, context, side)
     job.fail_if_injected("evaluate")
-    split = str(message.content["config"].get("split", "test"))
+    split = str(message.content[CONFIG].get(SPLIT, "test"))
     if split == "test":
         loss, accuracy = job.evaluate_test_split()
         examples = job.holder.num_examples("test")
@@ -218,27 +252,32 @@ def evaluate_holder(message: Message, context: Context) -> Message:
     return _reply(message, None, metrics, job.holder_id)
 
 
-@app.query()
-def query(message: Message, context: Context) -> Message:
+def query(message: Message, context: Context, side: HolderSide) -> Message:
     """`identify`: tell the server which holder this node is, so that it samples holders reproducibly.
-    `align`: bring the initial backbone into the federation's channel order (see ServerApp)."""
-    action = str(message.content["config"]["action"])
+    `align`: bring the initial backbone into the federation's channel order (see server.rounds)."""
+    action = str(message.content[CONFIG][ACTION])
     holder_id = int(context.node_config["partition-id"])
     if action == "identify":
-        return Message(content=RecordDict({HOLDER_INFO: ConfigRecord({"holder-id": holder_id})}), reply_to=message)
+        return Message(content=RecordDict({HOLDER_INFO: ConfigRecord({HOLDER_ID: holder_id})}), reply_to=message)
     if action == "align":
-        job = HolderJob(message, context)
-        content = RecordDict({"arrays": job.reply_arrays(), HOLDER_INFO: ConfigRecord({"holder-id": holder_id})})
+        job = HolderJob(message, context, side)
+        content = RecordDict({ARRAYS: job.reply_arrays(), HOLDER_INFO: ConfigRecord({HOLDER_ID: holder_id})})
         return Message(content=content, reply_to=message)
     raise ValueError(f"unknown query action {action!r}")
+
+
+def build_client_app(side: HolderSide = HolderSide()) -> ClientApp:
+    """The ClientApp with the launcher's holder-side settings (a simulation), or none (a SuperNode, which names its
+    folder and secrets in its node config)."""
+    client_app = ClientApp()
+    client_app.train(mods=[_clip_if_client_dp])(partial(train, side=side))
+    client_app.evaluate()(partial(evaluate_holder, side=side))
+    client_app.query()(partial(query, side=side))
+    return client_app
 
 
 def _finite(value: float) -> float:
     return 0.0 if value != value else float(value)
 
 
-def first_layer_record(conv: nn.Conv2d) -> ArrayRecord:
-    return ArrayRecord({name: value.detach().cpu() for name, value in conv.state_dict().items()})
-
-
-__all__ = ["app", "holder_home", "first_layer_record", "InjectedFailure"]
+app = build_client_app()

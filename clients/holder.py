@@ -20,28 +20,25 @@ from torch import nn
 from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
-from simulation.config import ExperimentConfig
-from simulation.data import ImageDataset, augment, load_dataset, normalize
+from clients.secrets import HolderSecrets, channel_order, draw_key
+from simulation.data import ImageDataset, image_batches, load_dataset
 from simulation.errors import UsageError
-from simulation.federation import derive_seed, federation_for
 from simulation.files import atomic_torch_save, private_dir
+from simulation.placement import placement_for
+from simulation.protocol import HolderSettings
+from simulation.run_folder import HOLDERS_FOLDER
 
-VARIANTS = ("mple", "baseline")
 KEY_FILE = "key.mple"
 SPLITS = ("train", "test", "global")
 
 
+def holder_folder_name(holder_id: int) -> str:
+    return f"holder-{holder_id:04d}"
+
+
 def holder_home(run_dir: str | Path, holder_id: int) -> Path:
-    return Path(run_dir) / "holders" / f"holder-{holder_id:04d}"
-
-
-def channel_order(config: ExperimentConfig, holder_id: int, out_channels: int) -> torch.Tensor:
-    """The permutation the holder applies to the first layer's output channels (secret, never sent)."""
-    if config.shuffle == "none":
-        return torch.arange(out_channels)
-    labels = ("order",) if config.shuffle == "federation" else ("order", holder_id)
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, *labels))
-    return torch.randperm(out_channels, generator=generator)
+    """A holder's folder inside a simulation's run folder (the launcher, on the holders' side, places it there)."""
+    return Path(run_dir) / HOLDERS_FOLDER / holder_folder_name(holder_id)
 
 
 def conv_fingerprint(conv: nn.Conv2d) -> str:
@@ -52,46 +49,40 @@ def conv_fingerprint(conv: nn.Conv2d) -> str:
     return digest.hexdigest()[:16]
 
 
-def key_padding(config: ExperimentConfig, conv: nn.Conv2d) -> int:
+def key_padding(mode: str, conv: nn.Conv2d) -> int:
     """`conv` key padding morphs the zero-padded image, as the MoLe code does; `none` morphs the image as is."""
-    if not config.pads_key:
+    if mode == "none":
         return 0
-    if conv.padding[0] != conv.padding[1]:
+    if isinstance(conv.padding, str) or conv.padding[0] != conv.padding[1]:
         raise UsageError("--key-padding conv needs a first convolution with equal padding on both axes")
     return int(conv.padding[0])
 
 
-def holder_key(config: ExperimentConfig, holder_id: int, home: Path, image_shape, padding: int) -> HolderKey:
-    """Load the holder's key from its folder, or draw it from the experiment seed and save it owner-only."""
+def holder_key(settings: HolderSettings, secrets: HolderSecrets, home: Path, image_shape, padding: int) -> HolderKey:
+    """Load the holder's key from its folder, or draw it from the holder's own secret and save it owner-only."""
     path = home / KEY_FILE
     if path.exists():
         key = HolderKey.load(path, image_shape=image_shape)
-        expected = (config.key_family, config.key_entries, padding)
+        expected = (settings.key_family, settings.key_entries, padding)
         if (key.family, key.entries, key.padding) != expected or (
-            config.block_size is not None and key.block_size != config.block_size
+            settings.block_size is not None and key.block_size != settings.block_size
         ):
             raise UsageError(
                 f"holder folder {home} holds a {key.family} key (q={key.block_size}, {key.entries}, padding "
                 f"{key.padding}) that does not match this run's settings; use a new --out folder"
             )
         return key
-    key = HolderKey.generate(
-        image_shape,
-        family=config.key_family,
-        block_size=config.block_size,
-        entries=config.key_entries,
-        padding=padding,
-        seed=derive_seed(config.seed, "key", holder_id),
-    )
+    key = draw_key(secrets, image_shape, family=settings.key_family, block_size=settings.block_size,
+                   entries=settings.key_entries, padding=padding)
     key.save(path)
     return key
 
 
-def load_own_data(spec: str, config: ExperimentConfig, experiment: ImageDataset) -> ImageDataset:
+def load_own_data(spec: str, settings: HolderSettings, experiment: ImageDataset) -> ImageDataset:
     """A holder's own dataset (node config `dataset`, e.g. npz:/data/hospital-3.npz): its train split trains, its
     test split tests, in place of the holder's partition of the experiment dataset. It must match the experiment's
     image shape and classes, whose normalisation it uses."""
-    own = load_dataset(spec, data_dir=config.data_dir, image_size=config.image_size, download=False)
+    own = load_dataset(spec, data_dir=settings.data_dir, image_size=settings.image_size, download=False)
     if own.image_shape != experiment.image_shape:
         raise UsageError(
             f"holder dataset {spec} has images of shape {own.image_shape}, the experiment's {experiment.name} has "
@@ -112,40 +103,39 @@ class Holder:
     def __init__(
         self,
         holder_id: int,
-        config: ExperimentConfig,
+        settings: HolderSettings,
         home: str | Path,
+        secrets: HolderSecrets,
         first_conv: nn.Conv2d,
-        variant: str,
         device: torch.device,
         *,
         own_data: str | None = None,
     ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.holder_id = holder_id
-        self.config = config
-        self.variant = variant
+        self.settings = settings
+        self.variant = settings.variant
         self.device = device
         self.home = private_dir(home)
-        federation = federation_for(config)
-        self._dataset = federation.dataset  # normalisation, image shape and the official test split
+        self.secrets = secrets
+        placement = placement_for(settings)
+        self._dataset = placement.dataset  # normalisation, image shape and the official test split
         self._sources = {"train": self._dataset.train, "test": self._dataset.train, "global": self._dataset.test}
         self._indices = {
-            "train": federation.holder_train[holder_id],
-            "test": federation.holder_test[holder_id],
-            "global": np.arange(len(federation.dataset.test)),
+            "train": placement.holder_train[holder_id],
+            "test": placement.holder_test[holder_id],
+            "global": np.arange(len(placement.dataset.test)),
         }
         if own_data:
-            own = load_own_data(own_data, config, self._dataset)
+            own = load_own_data(own_data, settings, self._dataset)
             self._sources.update(train=own.train, test=own.test)
             self._indices.update(train=np.arange(len(own.train)), test=np.arange(len(own.test)))
-        self.order = channel_order(config, holder_id, first_conv.out_channels)
+        self.order = channel_order(secrets, settings.shuffle, first_conv.out_channels)
         self.first_layer_fingerprint = conv_fingerprint(first_conv)
         self.key: HolderKey | None = None
         self.test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
-        if variant == "mple":
-            padding = key_padding(config, first_conv)
-            self.key = holder_key(config, holder_id, self.home, self._dataset.image_shape, padding)
+        if self.variant == "mple":
+            padding = key_padding(settings.key_padding, first_conv)
+            self.key = holder_key(settings, secrets, self.home, self._dataset.image_shape, padding)
             self.first = self._augconv(first_conv)
         else:
             self.first = _permuted_frozen(first_conv, self.order).to(device)
@@ -168,30 +158,24 @@ class Holder:
     def num_examples(self, split: str) -> int:
         return len(self._indices[split])
 
+    def local_seed(self, *labels) -> int:
+        """A seed for the holder's own randomness (batch order, augmentation, dropout), from its secret: the same
+        for both variants, unknown to the server."""
+        return self.secrets.seed(*labels)
+
     def batches(self, split: str, *, shuffle_seed: int | None = None) -> Callable[[], Iterator]:
         """A re-iterable source of (first-layer input, label) batches. With `shuffle_seed`, the order (and
         augmentation, where on) is drawn from it, identically for both variants."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        source = self._sources[split]
-        indices = self._indices[split]
-        training = shuffle_seed is not None
-        generator = torch.Generator().manual_seed(shuffle_seed) if training else None
-        size = self.config.batch_size
-
-        def iterate():
-            order = torch.randperm(len(indices), generator=generator).numpy() if training else np.arange(len(indices))
-            for start in range(0, len(order), size):
-                chosen = indices[order[start : start + size]]
-                raw = torch.from_numpy(source.images[chosen])
-                if training and self.config.use_augmentation:
-                    raw = augment(raw, generator)
-                images = normalize(raw, self._dataset.mean, self._dataset.std).to(self.device)
-                if self.key is not None:
-                    images = morph(images, self.key)
-                yield images, torch.from_numpy(source.labels[chosen]).to(self.device)
-
-        return iterate
+        key = self.key
+        return image_batches(
+            self._sources[split], self._indices[split], batch_size=self.settings.batch_size,
+            mean=self._dataset.mean, std=self._dataset.std,
+            generator=None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed),
+            augmentation=self.settings.use_augmentation, device=self.device,
+            transform=None if key is None else (lambda images: morph(images, key)),
+        )
 
     # ------------------------------------------------------------ local state
     def local_state_path(self, server_round: int) -> Path:

@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-SERVER_TO_HOLDER = {"arrays", "config", "first-layer", "initial-local"}
-HOLDER_TO_SERVER = {"arrays", "metrics", "holder"}
+from simulation.protocol import ARRAYS, HOLDER_ID, HOLDER_INFO, HOLDER_TO_SERVER, SERVER_TO_HOLDER
 
 
 class AuditViolation(RuntimeError):
@@ -76,16 +75,16 @@ class AuditGrid(Grid):
         if reply.has_error():
             return
         _only(reply.content, HOLDER_TO_SERVER, "holder reply")
-        if "arrays" in reply.content:
-            names = set(reply.content["arrays"].keys())
+        if ARRAYS in reply.content:
+            names = set(reply.content[ARRAYS].keys())
             if not names <= self.shared_names:
                 raise AuditViolation(
                     f"a holder replied with non-shared entries {sorted(names - self.shared_names)[:5]}; "
                     "holder-local layers must never leave the holder"
                 )
-        holder = reply.content.get("holder")
+        holder = reply.content.get(HOLDER_INFO)
         if holder is not None:
-            self.holder_of[reply.metadata.src_node_id] = int(holder["holder-id"])
+            self.holder_of[reply.metadata.src_node_id] = int(holder[HOLDER_ID])
 
     def holder_id(self, reply: Message) -> int | None:
         return self.holder_of.get(reply.metadata.src_node_id)

@@ -8,16 +8,17 @@ from pathlib import Path
 import torch
 
 from simulation.config import ExperimentConfig
-from simulation.data import augment, normalize
+from simulation.data import image_batches
 from simulation.errors import UsageError
-from simulation.federation import Federation, derive_seed
 from simulation.models import SplitModel, build_model
+from simulation.placement import DataPlacement
+from simulation.seeds import derive_seed
 from simulation.training import pick_device, train_epochs
 
 
-def initial_model(config: ExperimentConfig, federation: Federation) -> SplitModel:
+def initial_model(config: ExperimentConfig, placement: DataPlacement) -> SplitModel:
     """The same random initial weights for MpLe and its baseline, drawn from the experiment seed."""
-    dataset = federation.dataset
+    dataset = placement.dataset
     torch.manual_seed(derive_seed(config.seed, "model"))
     return build_model(
         config.model,
@@ -27,39 +28,29 @@ def initial_model(config: ExperimentConfig, federation: Federation) -> SplitMode
     )
 
 
-def form_first_layer(config: ExperimentConfig, federation: Federation, progress=print) -> tuple[SplitModel, dict]:
-    """Return the model whose `first` is the frozen C every holder builds its AugConv from, its `backbone` the
-    initial global backbone, and a summary of how C was formed."""
-    model = initial_model(config, federation)
+def form_first_layer(config: ExperimentConfig, placement: DataPlacement, model: SplitModel, progress=print) -> dict:
+    """Make `model.first` the frozen C every holder builds its AugConv from and `model.backbone` the initial global
+    backbone (`model` is the initial model); return a summary of how C was formed."""
     kind, _, path = config.first_layer.partition(":")
     summary: dict = {"mode": kind}
     if kind == "pretrain":
-        summary.update(_pretrain(config, federation, model, progress))
+        summary.update(_pretrain(config, placement, model, progress))
     elif kind == "file":
-        summary.update(_load(model, Path(path).expanduser()))
+        summary.update(load_first_layer(Path(path).expanduser(), model))
     model.first.requires_grad_(False)
-    return model, summary
+    return summary
 
 
-def _pretrain(config: ExperimentConfig, federation: Federation, model: SplitModel, progress) -> dict:
+def _pretrain(config: ExperimentConfig, placement: DataPlacement, model: SplitModel, progress) -> dict:
     """Train the plain model on the public split, which no holder owns."""
-    dataset, public = federation.dataset, federation.public
+    dataset, public = placement.dataset, placement.public
     device = pick_device(config.gpus_per_holder)
     model.to(device)
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, "pretrain"))
-
-    def batches():
-        order = public[torch.randperm(len(public), generator=generator).numpy()]
-        for start in range(0, len(order), config.batch_size):
-            chosen = order[start : start + config.batch_size]
-            raw = torch.from_numpy(dataset.train.images[chosen])
-            if config.use_augmentation:
-                raw = augment(raw, generator)
-            yield (
-                normalize(raw, dataset.mean, dataset.std).to(device),
-                torch.from_numpy(dataset.train.labels[chosen]).to(device),
-            )
-
+    batches = image_batches(
+        dataset.train, public, batch_size=config.batch_size, mean=dataset.mean, std=dataset.std,
+        generator=torch.Generator().manual_seed(derive_seed(config.seed, "pretrain")),
+        augmentation=config.use_augmentation, device=device,
+    )
     torch.manual_seed(derive_seed(config.seed, "pretrain-dropout"))
     loss, accuracy = float("nan"), float("nan")
     for epoch in range(config.pretrain_epochs):
@@ -73,12 +64,18 @@ def _pretrain(config: ExperimentConfig, federation: Federation, model: SplitMode
     return {"public_images": int(len(public)), "epochs": config.pretrain_epochs, "loss": loss, "accuracy": accuracy}
 
 
-def _load(model: SplitModel, path: Path) -> dict:
-    """A checkpoint with `first` (the conv's state dict) and optionally `backbone`, e.g. a run's first_layer.pt."""
+def load_first_layer(path: Path, model: SplitModel, *, with_backbone: bool = True) -> dict:
+    """Load a checkpoint with `first` (the conv's state dict) and optionally `backbone`, e.g. a run's
+    first_layer.pt, into `model`; tensors only (never unpickles objects)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"first-layer file {path} does not exist; give the path of a run's first_layer.pt")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("first"), dict):
+            raise KeyError("no 'first' entry (the convolution's state dict)")
         model.first.load_state_dict(checkpoint["first"])
-        if "backbone" in checkpoint:
+        if with_backbone and "backbone" in checkpoint:
             model.backbone.load_state_dict(checkpoint["backbone"])
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -86,4 +83,4 @@ def _load(model: SplitModel, path: Path) -> dict:
             f"first-layer file {path} does not fit this model ({first_line}); give a first_layer.pt from a run "
             "with the same --model and dataset"
         ) from None
-    return {"file": str(path), "with_backbone": "backbone" in checkpoint}
+    return {"file": str(path), "with_backbone": with_backbone and "backbone" in checkpoint}

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from clients.keys import ENTRY_DISTRIBUTIONS, FAMILIES
+from clients.secrets import SHUFFLE_MODES
 from simulation.errors import UsageError
 from simulation.models import MODEL_NAMES
 
-SHUFFLE_MODES = ("federation", "holder", "none")
 DP_MODES = ("server", "client")
 KEY_PADDING_MODES = ("none", "conv")
 
@@ -64,34 +64,14 @@ class ExperimentConfig:
     out: str | None = None
 
     def validate(self) -> "ExperimentConfig":
-        _positive_int("holders", self.holders)
-        _positive_int("rounds", self.rounds)
-        _positive_int("local-epochs", self.local_epochs)
-        _positive_int("batch-size", self.batch_size)
-        _positive_int("pretrain-epochs", self.pretrain_epochs)
-        _positive_int("holder-cache", self.holder_cache)
-        _non_negative_int("seed", self.seed)
-        _positive_number("lr", self.lr)
-        _number_in("momentum", self.momentum, 0.0, 1.0, upper_open=True)
-        _number_in("weight-decay", self.weight_decay, 0.0, float("inf"))
-        _number_in("test-fraction", self.test_fraction, 0.0, 1.0, upper_open=True)
-        _number_in("public-fraction", self.public_fraction, 0.0, 1.0, upper_open=True)
-        _number_in("fraction-train", self.fraction_train, 0.0, 1.0, lower_open=True)
-        _number_in("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
-        _number_in("cpus-per-holder", self.cpus_per_holder, 0.0, float("inf"), lower_open=True)
-        _number_in("gpus-per-holder", self.gpus_per_holder, 0.0, float("inf"))
-        _choice("model", self.model, MODEL_NAMES)
-        _choice("key-family", self.key_family, FAMILIES)
-        _choice("key-entries", self.key_entries, ENTRY_DISTRIBUTIONS)
-        _choice("key-padding", self.key_padding, KEY_PADDING_MODES)
-        _choice("shuffle", self.shuffle, SHUFFLE_MODES)
-        _choice("fail-stage", self.fail_stage, ("train", "evaluate"))
-        if self.block_size is not None:
-            _positive_int("block-size", self.block_size)
-        if self.image_size is not None:
-            _positive_int("image-size", self.image_size)
+        check_holder_settings(self)
+        check_positive_int("rounds", self.rounds)
+        check_positive_int("pretrain-epochs", self.pretrain_epochs)
+        check_number_in("fraction-train", self.fraction_train, 0.0, 1.0, lower_open=True)
+        check_number_in("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
+        check_choice("fail-stage", self.fail_stage, ("train", "evaluate"))
         if self.min_holders is not None:
-            _positive_int("min-holders", self.min_holders)
+            check_positive_int("min-holders", self.min_holders)
             if self.min_holders > self.holders:
                 raise UsageError(
                     f"--min-holders {self.min_holders} exceeds --holders {self.holders}; lower it or add holders"
@@ -106,9 +86,8 @@ class ExperimentConfig:
         if kind == "pretrain" and self.public_fraction <= 0:
             raise UsageError("--first-layer pretrain needs a public split: set --public-fraction above 0")
         if self.dp is not None:
-            _choice("dp", self.dp, DP_MODES)
-            _number_in("dp-noise", self.dp_noise, 0.0, float("inf"))
-            _positive_number("dp-clip", self.dp_clip)
+            check_number_in("dp-noise", self.dp_noise, 0.0, float("inf"))
+            check_positive_number("dp-clip", self.dp_clip)
         for holder in self.fail_holders:
             if isinstance(holder, bool) or not isinstance(holder, int) or not 0 <= holder < self.holders:
                 raise UsageError(
@@ -119,10 +98,6 @@ class ExperimentConfig:
         if not isinstance(self.local_layers, list) or not all(isinstance(name, str) for name in self.local_layers):
             raise UsageError("local-layers must be a list of backbone parameter name prefixes")
         return self
-
-    @property
-    def pads_key(self) -> bool:
-        return self.key_padding == "conv"
 
     @property
     def use_augmentation(self) -> bool:
@@ -139,6 +114,31 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":
         return cls(**json.loads(text))
+
+
+def check_holder_settings(settings) -> None:
+    """The checks of the settings a holder receives too (an ExperimentConfig, or simulation.protocol's
+    HolderSettings as it arrives at the holder)."""
+    for name in ("holders", "local_epochs", "batch_size", "holder_cache"):
+        check_positive_int(name.replace("_", "-"), getattr(settings, name))
+    check_non_negative_int("seed", settings.seed)
+    check_positive_number("lr", settings.lr)
+    check_number_in("momentum", settings.momentum, 0.0, 1.0, upper_open=True)
+    check_number_in("weight-decay", settings.weight_decay, 0.0, float("inf"))
+    check_number_in("test-fraction", settings.test_fraction, 0.0, 1.0, upper_open=True)
+    check_number_in("public-fraction", settings.public_fraction, 0.0, 1.0, upper_open=True)
+    check_number_in("cpus-per-holder", settings.cpus_per_holder, 0.0, float("inf"), lower_open=True)
+    check_number_in("gpus-per-holder", settings.gpus_per_holder, 0.0, float("inf"))
+    check_choice("model", settings.model, MODEL_NAMES)
+    check_choice("key-family", settings.key_family, FAMILIES)
+    check_choice("key-entries", settings.key_entries, ENTRY_DISTRIBUTIONS)
+    check_choice("key-padding", settings.key_padding, KEY_PADDING_MODES)
+    check_choice("shuffle", settings.shuffle, SHUFFLE_MODES)
+    for name in ("block_size", "image_size"):
+        if getattr(settings, name) is not None:
+            check_positive_int(name.replace("_", "-"), getattr(settings, name))
+    if settings.dp is not None:
+        check_choice("dp", settings.dp, DP_MODES)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
@@ -190,21 +190,21 @@ def _is_type(value, expected) -> bool:
     return isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
 
 
-def _positive_int(name, value):
+def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"--{name} must be a positive integer, got {value!r}")
 
 
-def _non_negative_int(name, value):
+def check_non_negative_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"--{name} must be a non-negative integer, got {value!r}")
 
 
-def _positive_number(name, value):
-    _number_in(name, value, 0.0, float("inf"), lower_open=True)
+def check_positive_number(name, value):
+    check_number_in(name, value, 0.0, float("inf"), lower_open=True)
 
 
-def _number_in(name, value, low, high, *, lower_open=False, upper_open=False):
+def check_number_in(name, value, low, high, *, lower_open=False, upper_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UsageError(f"--{name} must be a number, got {value!r}")
     too_low = value <= low if lower_open else value < low
@@ -214,6 +214,6 @@ def _number_in(name, value, low, high, *, lower_open=False, upper_open=False):
         raise UsageError(f"--{name} must lie in {left}{low}, {high}{right}, got {value!r}")
 
 
-def _choice(name, value, choices):
+def check_choice(name, value, choices):
     if value not in choices:
         raise UsageError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -233,6 +233,38 @@ def augment(
     return out
 
 
+def image_batches(
+    split: ImageSplit,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    mean,
+    std,
+    generator: torch.Generator | None = None,
+    augmentation: bool = False,
+    device: torch.device | str = "cpu",
+    transform=None,
+):
+    """A re-iterable source of (normalised images, labels) batches of `split[indices]`. With `generator` the order
+    (and augmentation, where on) is drawn from it on every pass; without, the indices are taken in order. `transform`
+    (morphing, for a holder) is applied to each normalised batch on `device`."""
+
+    def iterate():
+        order = (torch.randperm(len(indices), generator=generator).numpy() if generator is not None
+                 else np.arange(len(indices)))
+        for start in range(0, len(order), batch_size):
+            chosen = indices[order[start : start + batch_size]]
+            raw = torch.from_numpy(split.images[chosen])
+            if augmentation and generator is not None:
+                raw = augment(raw, generator)
+            images = normalize(raw, mean, std).to(device)
+            if transform is not None:
+                images = transform(images)
+            yield images, torch.from_numpy(split.labels[chosen]).to(device)
+
+    return iterate
+
+
 def partition(labels: np.ndarray, num_holders: int, scheme: str, *, seed: int, min_size: int = 1) -> list[np.ndarray]:
     """Split sample indices among `num_holders` data holders; every sample goes to exactly one.
 

@@ -31,10 +31,20 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
+from clients.holder import holder_home
+from clients.secrets import provision_holders
+from server.plan import plan_run
 from simulation.config import ExperimentConfig
 from simulation.errors import UsageError
 from simulation.files import atomic_write_bytes, atomic_write_text, private_dir
+from simulation.placement import placement_for
+from simulation.protocol import VARIANTS
+from simulation.report import write_report, write_setup
+from simulation.cli import config_from_args
+from simulation.cli import parse_args as experiment_args
+from simulation.run_folder import HOLDERS_FOLDER, METRICS_FILE, prepare_run_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "mple-local"
@@ -110,8 +120,6 @@ def stop_process(process: subprocess.Popen) -> None:
 
 def preset_toml(config: ExperimentConfig) -> str:
     """The experiment as a TOML preset (what `load_toml` reads), so the ServerApp gets every setting."""
-    import tomli_w
-
     values = {name.replace("_", "-"): value for name, value in config.to_dict().items()
               if value is not None and name not in ("out", "strategy", "strategy_args")}
     values["strategy"] = {"name": config.strategy, "args": dict(config.strategy_args)}
@@ -120,12 +128,10 @@ def preset_toml(config: ExperimentConfig) -> str:
 
 def holder_data_npz(config: ExperimentConfig, holder: int) -> bytes:
     """Holder `holder`'s partition of the experiment dataset as a MedMNIST-layout .npz (train and test splits)."""
-    from simulation.federation import federation_for
-
-    federation = federation_for(config)
-    source = federation.dataset.train
+    placement = placement_for(config)
+    source = placement.dataset.train
     arrays = {}
-    for split, indices in (("train", federation.holder_train[holder]), ("test", federation.holder_test[holder])):
+    for split, indices in (("train", placement.holder_train[holder]), ("test", placement.holder_test[holder])):
         if len(indices) == 0:
             raise UsageError(f"holder {holder} has no {split} images to write; raise --test-fraction or use fewer "
                              "holders with --split-data")
@@ -145,8 +151,9 @@ class LocalDeployment:
     every process it started. Use as a context manager."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path, *, split_data: bool = False, progress=print,
-                 stream_logs: bool = True):
+                 stream_logs: bool = True, holder_seed: int | None = None):
         self.config = config
+        self.holder_seed = holder_seed
         self.run_dir = Path(run_dir).resolve()
         self.split_data = split_data
         self.progress = progress
@@ -165,8 +172,6 @@ class LocalDeployment:
         return [process for process in (self.superlink, *self.supernodes, *self.helpers) if process is not None]
 
     def holder_dir(self, holder: int) -> Path:
-        from clients.holder import holder_home
-
         return holder_home(self.run_dir, holder)
 
     def __enter__(self) -> "LocalDeployment":
@@ -215,8 +220,11 @@ class LocalDeployment:
     def _start_supernodes(self) -> None:
         holders = self.config.holders
         ports = free_ports(holders)
+        # Each holder's secrets go into its own folder before its SuperNode starts, never onto a command line.
+        provision = provision_holders(self.run_dir / HOLDERS_FOLDER, self.holder_seed)
         for holder in range(holders):
             folder = private_dir(self.holder_dir(holder))
+            provision.secrets_for(folder, holder)
             node_config = f'partition-id={holder} num-partitions={holders} holder-dir="{folder}"'
             if self.split_data:
                 data = atomic_write_bytes(folder / HOLDER_DATA_FILE, holder_data_npz(self.config, holder),
@@ -270,6 +278,7 @@ class LocalDeployment:
         atomic_write_text(run_config, (
             f"preset = {json.dumps(str(preset))}\nout = {json.dumps(str(self.run_dir))}\n"
             f"variant = {json.dumps(variant)}\nholders = {self.config.holders}\n"
+            f"shuffle = {json.dumps(self.config.shuffle)}\n"
         ))
         answer = self.flwr("run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config))
         return int(answer["run-id"])
@@ -328,7 +337,7 @@ class LocalDeployment:
         if status != FINISHED:
             raise DeploymentError(f"run {run_id} ({variant}) ended with status {status}; see its log above or "
                                   f"`flwr log {run_id} {CONNECTION} --show` with FLWR_HOME={self.flwr_home}")
-        metrics = self.run_dir / variant / "metrics.json"
+        metrics = self.run_dir / variant / METRICS_FILE
         if not metrics.is_file():
             raise DeploymentError(f"run {run_id} ({variant}) completed but wrote no {metrics}")
         return json.loads(metrics.read_text())
@@ -351,10 +360,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv=None) -> int:
-    from simulation.report import write_report, write_setup
-    from simulation.run import VARIANTS, config_from_args, prepare_run_dir, preflight
-    from simulation.run import parse_args as experiment_args
-
     own, rest = parse_args(argv)
     args = experiment_args(rest)
     try:
@@ -364,15 +369,19 @@ def main(argv=None) -> int:
             raise UsageError("--ray-address is for python -m simulation.run; the Deployment Engine does not use Ray")
         if own.timeout is not None and own.timeout <= 0:
             raise UsageError(f"--timeout must be a positive number of seconds, got {own.timeout}")
+        if args.fail_holders:
+            raise UsageError("--fail-holders is a test hook of python -m simulation.run; under the Deployment "
+                             "Engine stop a SuperNode instead")
         config = config_from_args(args)
-        preflight(config)
+        plan_run(config)
         run_dir = prepare_run_dir(config, Path(args.out) if args.out else None).resolve()
         print(f"run folder: {run_dir}", flush=True)
         write_setup(config, run_dir)
         results = {}
         with _stopped_by_sigterm(), LocalDeployment(config, run_dir, split_data=own.split_data,
                                                    progress=lambda line: print(line, flush=True),
-                                                   stream_logs=not own.quiet) as deployment:
+                                                   stream_logs=not own.quiet,
+                                                   holder_seed=args.holder_seed) as deployment:
             for variant in VARIANTS if config.baseline else VARIANTS[:1]:
                 print(f"== {variant}: {config.holders} holders, {config.rounds} rounds, {config.dataset}, "
                       f"{config.model}", flush=True)

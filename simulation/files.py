@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from simulation.errors import UsageError
+
 PRIVATE_DIR_MODE = stat.S_IRWXU
 
 
@@ -45,6 +47,27 @@ def atomic_torch_save(value, path: str | os.PathLike, *, private: bool = False) 
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return atomic_write_bytes(path, buffer.getvalue(), private=private)
+
+
+def fresh_folder(path: str | os.PathLike, *, results=None, allow_existing: bool = False,
+                 hint: str = "choose a new --out", create: bool = True, what: str = "folder") -> Path:
+    """An output folder that earlier results are safe from: refused when it is a file, or when it already holds
+    results (any of the names `results`, or anything at all when `results` is None), unless `allow_existing`.
+    Created unless `create` is false (a command that may still refuse its input creates it when it writes)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a folder path")
+    if path.exists() and not allow_existing:
+        held = [name for name in results if (path / name).exists()] if results is not None else list(path.iterdir())
+        if held:
+            what = "already exists and is not empty" if results is None else f"already holds {held[0]} from an earlier run"
+            raise UsageError(f"--out {path} {what}; {hint}")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create {what} {path}: {error.strerror}; choose another --out") from None
+    return path
 
 
 def private_dir(path: str | os.PathLike) -> Path:

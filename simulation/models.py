@@ -170,9 +170,15 @@ def _reindex(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
 
 def _matching_prefix(model: SplitModel, key: str) -> str | None:
     for prefix in model.order_sensitive:
-        if key == prefix or key.startswith(prefix + "."):
+        if under_prefix(key, prefix):
             return prefix
     return None
+
+
+def under_prefix(name: str, prefix: str) -> bool:
+    """Whether state-dict entry `name` belongs to the layer `prefix` ("layer1" holds "layer1.0.weight")."""
+    prefix = prefix.rstrip(".")
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _is_int(value: object) -> bool:

@@ -8,11 +8,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
+from clients.holder import KEY_FILE, holder_home
+from clients.keys import HolderKey
+from clients.secrets import SECRETS_FILE, HolderSecrets, channel_order
+from server.first_layer import initial_model, load_first_layer
 from simulation.config import ExperimentConfig
 from simulation.data import class_counts, plot_class_counts
-from simulation.federation import federation_for
 from simulation.files import atomic_write_json, atomic_write_text
+from simulation.key_table import compare_keys, format_key_table, write_key_report
+from simulation.placement import placement_for
+from simulation.run_folder import FIRST_LAYER_FILE
 
 CSV_COLUMNS = ("variant", "round", "train_loss", "train_accuracy", "loss", "accuracy", "holders_trained",
                "holders_evaluated", "train_failures", "evaluate_failures", "counted", "seconds")
@@ -20,13 +27,13 @@ CSV_COLUMNS = ("variant", "round", "train_loss", "train_accuracy", "loss", "accu
 
 def write_setup(config: ExperimentConfig, run_dir: Path) -> None:
     """Per-holder class counts (JSON and a bar chart), written before training starts."""
-    federation = federation_for(config)
-    dataset = federation.dataset
-    parts = [np.concatenate([train, test]) for train, test in zip(federation.holder_train, federation.holder_test)]
+    placement = placement_for(config)
+    dataset = placement.dataset
+    parts = [np.concatenate([train, test]) for train, test in zip(placement.holder_train, placement.holder_test)]
     counts = class_counts(dataset.train.labels, parts, dataset.num_classes)
     atomic_write_json(run_dir / "class_counts.json", {
         "class_names": list(dataset.class_names),
-        "public": int(len(federation.public)),
+        "public": int(len(placement.public)),
         "holders": {str(i): row.tolist() for i, row in enumerate(counts)},
     })
     plot_class_counts(counts, dataset.class_names, run_dir / "class_counts.png")
@@ -59,30 +66,25 @@ KEY_REPORT_HOLDERS = 20
 
 
 def write_key_summary(config: ExperimentConfig, run_dir: Path, *, progress=print) -> list[dict]:
-    """The key comparison (simulation.keys) for the run's holders, from the keys in their own folders: a table on
-    the terminal, keys.json and morph.png. Never the keys themselves."""
-    import torch
-
-    from clients.holder import KEY_FILE, channel_order, holder_home
-    from clients.keys import HolderKey
-    from server.first_layer import initial_model
-    from simulation.keys import compare_keys, format_key_table, write_key_report
-
-    federation = federation_for(config)
-    dataset = federation.dataset
+    """The key comparison (simulation.key_table) for the run's holders, from the keys and secrets in their own
+    folders: a table on the terminal, keys.json and morph.png, never the keys themselves. In a simulation the
+    launcher runs this on the holders' side of the run folder (holders/), after the federation has ended; the
+    ServerApp never reads those folders."""
+    placement = placement_for(config)
+    dataset = placement.dataset
     holders = [h for h in range(config.holders) if (holder_home(run_dir, h) / KEY_FILE).exists()]
     shown = holders[:KEY_REPORT_HOLDERS]
     if not shown:
         return []
     keys = [HolderKey.load(holder_home(run_dir, h) / KEY_FILE) for h in shown]
-    model = initial_model(config, federation)
-    checkpoint = torch.load(run_dir / "first_layer.pt", map_location="cpu", weights_only=True)
-    model.first.load_state_dict(checkpoint["first"])
-    model.backbone.load_state_dict(checkpoint["backbone"])
-    orders = [channel_order(config, h, model.first.out_channels).tolist() for h in shown]
+    model = initial_model(config, placement)
+    load_first_layer(run_dir / FIRST_LAYER_FILE, model)
+    orders = [channel_order(HolderSecrets.load(holder_home(run_dir, h) / SECRETS_FILE), config.shuffle,
+                            model.first.out_channels).tolist() for h in shown]
     samples = dataset.test.images[: max(64, 8 + (keys[0].block_size if config.key_family == "blocks" else 1))]
     rows = compare_keys(keys, model.first, samples, mean=dataset.mean, std=dataset.std, order=orders,
-                        backbone=model.backbone, timing_repeats=3, known_plaintext=config.key_family != "dense")
+                        backbone=model.backbone, timing_repeats=3, known_plaintext=config.key_family != "dense",
+                        sample_images="official test images")
     for row, holder in zip(rows, shown):
         row["holder"] = holder
     context = {"dataset": config.dataset, "model": config.model, "holders_shown": len(shown),
@@ -104,8 +106,6 @@ def _csv(results: dict[str, dict]) -> str:
 
 
 def plot_curves(results: dict[str, dict], path: Path) -> None:
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     styles = {"mple": ("MpLe", "-", "o"), "baseline": ("baseline (no morphing)", "--", "s")}

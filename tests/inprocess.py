@@ -11,11 +11,17 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import app as client_app
+from clients.client_app import app as default_client_app
+from clients.client_app import build_client_app
+from server.server_app import ServerSettings, VariantRun
+from simulation.config import build_config
+from simulation.run import holder_side
+from simulation.run_folder import prepare_run_dir
 
 
 class InProcessGrid(Grid):
-    def __init__(self, num_holders: int, node_config: dict | None = None):
+    def __init__(self, num_holders: int, node_config: dict | None = None, client_app=default_client_app):
+        self.client_app = client_app
         # Messages stamp the sending task's identity; the engine sets it for a real ServerApp.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self._contexts = {
@@ -56,7 +62,7 @@ class InProcessGrid(Grid):
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             context = self._contexts[message.metadata.dst_node_id]
             try:
-                reply = client_app(message, context)
+                reply = self.client_app(message, context)
             except Exception as error:  # the engine turns a ClientApp exception into an error reply, so do we
                 reason = "".join(traceback.format_exception_only(error)).strip()
                 reply = Message(Error(code=0, reason=reason), reply_to=message)
@@ -72,3 +78,15 @@ def _snapshot(message: Message) -> Message:
     copy = Message(RecordDict(), dst_node_id=0, message_type=message.metadata.message_type)
     copy.__dict__["_content"] = deepcopy(message.content)
     return copy
+
+
+def run_in_process(tmp_path, holders: int = 3, *, holder_seed: int | None = 0, variant: str = "mple", **settings):
+    """A whole variant run through the real ServerApp, strategies and ClientApp, in this process; the holders' side
+    set up as `simulation.run` sets it up (their folders, their secrets from `holder_seed`, the failure hook)."""
+    stop = settings.pop("stop_after_round", None)
+    config = build_config({"holders": holders, "rounds": 2, "pretrain_epochs": 1, **settings})
+    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
+    grid = InProcessGrid(holders, client_app=build_client_app(holder_side(config, run_dir, holder_seed)))
+    run = VariantRun(grid, ServerSettings(config, run_dir, variant=variant, progress=lambda line: None,
+                                          stop_after_round=stop))
+    return run.run(), grid, run

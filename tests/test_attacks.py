@@ -11,11 +11,23 @@ from torch import nn
 from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks import cross_key, feature_leakage, known_plaintext, reversing
-from server.attacks.known_plaintext import attack_curve, known_images_needed
+from clients.secrets import HolderSecrets, channel_order, draw_key
+from server.attacks import cross_key, feature_leakage
+from server.attacks.common import normalized_images
+from server.attacks.cross_key.__main__ import main as cross_key_main
+from server.attacks.feature_leakage.__main__ import main as feature_leakage_main
+from server.attacks.known_plaintext import (
+    attack_curve,
+    full_rank,
+    known_images_needed,
+    known_images_spanning,
+    plaintext_rank,
+)
+from server.attacks.known_plaintext.__main__ import main as known_plaintext_main
 from server.attacks.reversing import evaluate_reversing
+from server.attacks.reversing.__main__ import main as reversing_main
+from simulation.cli import FRESH_KEYS_NOTE, setup_model
 from simulation.data import load_dataset
-from simulation.keys import channel_orders, holder_keys, setup_model
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +98,37 @@ def test_known_plaintext_blocks_needs_q_images():
 
 
 def test_known_plaintext_command(tmp_path):
-    code = known_plaintext.main(["--key-family", "blocks", "--known", "1,8", "--test-images", "4", "--out", str(tmp_path)])
+    code = known_plaintext_main(["--key-family", "blocks", "--known", "1,8", "--test-images", "4", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "known_plaintext.json").read_text())
     assert [point["known_images"] for point in report["curve"]] == [1, 8]
     assert report["known_images_needed"] == 8
+    one, eight = report["curve"]
+    assert one["rank"] < eight["rank"] <= report["full_rank"] == 64  # the rank each count reached, out of N
     assert (tmp_path / "known_plaintext.png").stat().st_size > 0
+
+
+def test_known_images_spanning_measures_what_real_images_need():
+    # Most digits images have background (a constant after normalisation) in their first and last columns, so their
+    # 8-pixel rows lie in the 7 directions with d[0] = d[7]; test image 0 also leaves column 1 empty: 6 directions.
+    digits = load_dataset("digits")
+    plain = normalized_images(torch.from_numpy(digits.test.images[:64]), digits.mean, digits.std)
+    shape = dict(family="repeated", block_size=8)
+    assert full_rank("repeated", 8, digits.image_shape) == 8
+    assert plaintext_rank(plain[:1], **shape) == 6
+    assert plaintext_rank(plain[:56], **shape) == 8
+    needed = known_images_spanning(plain[:56], plain[56:], **shape)
+    assert needed > known_images_needed("repeated", 8, digits.image_shape) == 1
+    assert plaintext_rank(plain[:needed], **shape) == 8
+    key = HolderKey.generate(digits.image_shape, family="repeated", seed=4)
+    few, enough = attack_curve(key, plain, mean=digits.mean, std=digits.std, known_counts=[1, needed], test_images=8)
+    assert few["rank"] == 6 and few["psnr_db"] < 40  # 1 image "suffices" only for generic images
+    assert enough["rank"] == 8 and enough["psnr_db"] > 60
+    # generic images need the computed count exactly; more known images never shrink the span
+    noise = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert known_images_spanning(noise[:4], noise[4:], family="blocks", block_size=8) is None
+    assert known_images_spanning(noise[:10], noise[10:], family="blocks", block_size=8, start=3) == 8
+    assert known_images_spanning(noise[:3], noise[:2], family="repeated", block_size=8) == 1
 
 
 # --- reversing ------------------------------------------------------------------------------------
@@ -132,7 +169,7 @@ def test_reversing_fails_without_full_row_rank():
 
 
 def test_reversing_command(tmp_path):
-    code = reversing.main(["--test-images", "4", "--out", str(tmp_path)])
+    code = reversing_main(["--holder-seed", "0", "--test-images", "4", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "reversing.json").read_text())
     assert report["order_recovered"] and report["full_row_rank"]
@@ -157,7 +194,7 @@ def test_feature_leakage_scores_an_identity_layer_as_full_leak_and_noise_as_none
 
 
 def test_feature_leakage_command(tmp_path):
-    assert feature_leakage.main(["--samples", "2", "--out", str(tmp_path)]) == 0
+    assert feature_leakage_main(["--samples", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "feature_leakage.json").read_text())
     assert np.array(report["per_image_channel_ssim"]).shape == (2, 32)
     assert (tmp_path / "feature_leakage.png").stat().st_size > 0
@@ -167,8 +204,9 @@ def test_feature_leakage_command(tmp_path):
 def test_cross_key_diagonal_beats_off_diagonal(tmp_path):
     dataset = load_dataset("digits")
     conv = setup_model("cnn", dataset, seed=0)[0].first
-    keys = holder_keys(dataset.image_shape, 3, family="repeated", seed=0)
-    orders = channel_orders(conv.out_channels, 3, "federation", seed=0)
+    secrets = [HolderSecrets.from_holder_seed(0, i) for i in range(3)]
+    keys = [draw_key(s, dataset.image_shape, family="repeated", block_size=None, entries="uniform", padding=0) for s in secrets]
+    orders = [channel_order(s, "federation", conv.out_channels).tolist() for s in secrets]
     backbone, augconvs, test_sets = cross_key.train_demo_backbone("cnn", dataset, conv, keys, orders, epochs=3, batch_size=128, seed=0)
     accuracy = cross_key.cross_key_matrix(backbone, augconvs, test_sets)
     off_diagonal = accuracy[~np.eye(3, dtype=bool)]
@@ -190,3 +228,27 @@ def test_cross_key_marks_mismatched_domains_as_nan():
     accuracy = cross_key.cross_key_matrix(backbone, augconvs, test_sets)
     assert math.isnan(accuracy[0, 1]) and math.isnan(accuracy[1, 0])
     assert not math.isnan(accuracy[0, 0]) and not math.isnan(accuracy[1, 1])
+
+
+# --- the commands' keys ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, command, argv", [
+    ("known_plaintext", known_plaintext_main, ["--known", "1", "--test-images", "2"]),
+    ("feature_leakage", feature_leakage_main, ["--samples", "1"]),
+])
+def test_attack_commands_repeat_keys_with_a_holder_seed_only(tmp_path, capsys, name, command, argv):
+    def key_of(folder, *extra):
+        assert command([*argv, "--holder", "1", "--seed", "5", *extra, "--out", str(tmp_path / folder)]) == 0
+        return json.loads((tmp_path / folder / f"{name}.json").read_text())["key"]["fingerprint"]
+
+    seeded = draw_key(HolderSecrets.from_holder_seed(3, 1), (1, 8, 8), family="repeated", block_size=None,
+                      entries="uniform", padding=0)
+    assert key_of("a", "--holder-seed", "3") == key_of("b", "--holder-seed", "3") == seeded.fingerprint
+    assert FRESH_KEYS_NOTE not in capsys.readouterr().out
+    assert key_of("c") != key_of("d")
+    assert capsys.readouterr().out.count(FRESH_KEYS_NOTE) == 2
+
+
+def test_cross_key_command_help_keeps_its_run_meaning(capsys):
+    with pytest.raises(SystemExit):
+        cross_key_main(["--help"])
+    assert "--run RUN_DIR use a finished simulation.run folder (its global backbone" in " ".join(capsys.readouterr().out.split())

@@ -24,7 +24,7 @@ import pytest
 from flwr.app import Context, MessageType, RecordDict
 
 from clients.holder import KEY_FILE, holder_home, load_own_data
-from server.server_app import PROJECT_ROOT, Federation, ServerSettings, _settings_from_run_config
+from server.server_app import PROJECT_ROOT, ServerSettings, VariantRun, settings_from_run_config
 from simulation.config import build_config
 from simulation.data import load_dataset
 from simulation.deploy import (
@@ -39,10 +39,11 @@ from simulation.deploy import (
     tool,
 )
 from simulation.errors import UsageError
-from simulation.federation import federation_for
-from simulation.run import prepare_run_dir
+from simulation.placement import placement_for
+from simulation.protocol import HolderSettings
+from simulation.run_folder import prepare_run_dir
 
-from .inprocess import InProcessGrid
+from .inprocess import InProcessGrid, run_in_process
 
 TINY = {"holders": 2, "rounds": 1, "pretrain_epochs": 1}
 
@@ -57,15 +58,16 @@ def write_npz(path: Path, train_images, train_labels, test_images, test_labels) 
 def test_holders_use_the_folder_and_data_their_node_config_names(tmp_path):
     config = build_config(TINY)
     run_dir = prepare_run_dir(config, tmp_path / "run")
-    digits = federation_for(config).dataset
+    digits = placement_for(config).dataset
     own = write_npz(tmp_path / "hospital-0.npz", digits.test.images[:30, 0], digits.test.labels[:30],
                     digits.test.images[30:42, 0], digits.test.labels[30:42])
     grid = InProcessGrid(2)
     folders = [tmp_path / "disk-0" / "mple", tmp_path / "disk-1" / "mple"]
     for (_, context), folder in zip(sorted(grid._contexts.items()), folders):
         context.node_config["holder-dir"] = str(folder)
+        context.node_config["holder-seed"] = 5
     grid._contexts[1000].node_config["dataset"] = f"npz:{own}"
-    metrics = Federation(grid, ServerSettings(config, run_dir, progress=lambda line: None)).run()
+    metrics = VariantRun(grid, ServerSettings(config, run_dir, progress=lambda line: None)).run()
 
     for folder in folders:
         assert (folder / KEY_FILE).is_file() and list(folder.glob("augconv-*.pt"))
@@ -73,7 +75,7 @@ def test_holders_use_the_folder_and_data_their_node_config_names(tmp_path):
     assert not holder_home(run_dir, 0).exists() and not holder_home(run_dir, 1).exists()
     trained = metrics["rounds"][0]["per_holder"]
     assert trained["0"]["num-examples"] == 30  # its own file's train split, not its partition
-    assert trained["1"]["num-examples"] == len(federation_for(config).holder_train[1])
+    assert trained["1"]["num-examples"] == len(placement_for(config).holder_train[1])
     evaluated = [reply.content["metrics"]["num-examples"] for message, reply in grid.log
                  if message.metadata.message_type == MessageType.EVALUATE and reply.content["holder"]["holder-id"] == 0]
     assert evaluated[0] == 12  # its own file's test split
@@ -82,20 +84,20 @@ def test_holders_use_the_folder_and_data_their_node_config_names(tmp_path):
 
 def test_a_holder_file_of_another_shape_or_more_classes_is_refused(tmp_path):
     config = build_config(TINY)
-    digits = federation_for(config).dataset
+    digits = placement_for(config).dataset
     images = np.zeros((4, 10, 10), dtype=np.uint8)
     wrong_shape = write_npz(tmp_path / "a.npz", images, np.zeros(4, np.int64), images, np.zeros(4, np.int64))
     with pytest.raises(UsageError, match="shape"):
-        load_own_data(f"npz:{wrong_shape}", config, digits)
+        load_own_data(f"npz:{wrong_shape}", HolderSettings.from_config(config, "mple"), digits)
     images = digits.test.images[:4, 0]
     too_many = write_npz(tmp_path / "b.npz", images, np.full(4, 12), images, np.zeros(4, np.int64))
     with pytest.raises(UsageError, match="label 12"):
-        load_own_data(f"npz:{too_many}", config, digits)
+        load_own_data(f"npz:{too_many}", HolderSettings.from_config(config, "mple"), digits)
 
 
 def test_split_data_files_hold_exactly_each_holders_partition(tmp_path):
     config = build_config({**TINY, "holders": 3})
-    federation = federation_for(config)
+    federation = placement_for(config)
     for holder in range(3):
         path = tmp_path / f"holder-{holder}.npz"
         path.write_bytes(holder_data_npz(config, holder))
@@ -124,14 +126,14 @@ def test_run_config_names_a_preset_and_empty_values_keep_the_presets(tmp_path):
     preset = tmp_path / "preset.toml"
     preset.write_text('holders = 7\nrounds = 4\nmodel = "cnn"\n')
     out = tmp_path / "run"
-    settings = _settings_from_run_config(run_config_context(**{**app_config, "preset": str(preset),
+    settings = settings_from_run_config(run_config_context(**{**app_config, "preset": str(preset),
                                                                "out": str(out), "rounds": 3}))
     assert settings.run_dir == out and (out / "config.json").is_file()
     assert settings.config.rounds == 3  # given
     assert settings.config.holders == app_config["holders"]  # the app's default beats the preset
     assert settings.config.model == "cnn" and settings.variant == "mple"
     with pytest.raises(UsageError, match="variant"):
-        _settings_from_run_config(run_config_context(**{**app_config, "out": str(out), "variant": "both"}))
+        settings_from_run_config(run_config_context(**{**app_config, "out": str(out), "variant": "both"}))
 
 
 def test_a_relative_preset_resolves_against_the_project(tmp_path, monkeypatch):
@@ -140,7 +142,7 @@ def test_a_relative_preset_resolves_against_the_project(tmp_path, monkeypatch):
     if not presets:
         pytest.skip("no preset in configs/")
     name = f"configs/{presets[0].name}"
-    settings = _settings_from_run_config(run_config_context(preset=name, out=str(tmp_path / "run"), holders=2))
+    settings = settings_from_run_config(run_config_context(preset=name, out=str(tmp_path / "run"), holders=2))
     expected = build_config({"holders": 2}, presets[0])
     assert settings.config == expected
 
@@ -225,7 +227,8 @@ def test_a_run_joins_an_existing_ray_cluster(tmp_path, ray_head):
 def test_superlink_and_one_supernode_per_holder_run_the_apps(tmp_path):
     config = build_config({**TINY, "shuffle": "holder"})  # no alignment query: one ClientApp process less
     run_dir = prepare_run_dir(config, tmp_path / "run")
-    deployment = LocalDeployment(config, run_dir, split_data=True, progress=lambda line: None, stream_logs=False)
+    deployment = LocalDeployment(config, run_dir, split_data=True, progress=lambda line: None, stream_logs=False,
+                                 holder_seed=3)
     try:
         deployment.start()
         with pytest.raises(DeploymentError, match="finished:failed"):
@@ -238,12 +241,11 @@ def test_superlink_and_one_supernode_per_holder_run_the_apps(tmp_path):
     assert metrics["rounds"][0]["holders_trained"] == 2 and metrics["final"]["holders"] == 2
     # Same seeds, same numbers: the holders' own files hold their partitions, so the deployment must reproduce
     # the in-process federation exactly.
-    reference = Federation(InProcessGrid(2), ServerSettings(config, prepare_run_dir(config, tmp_path / "reference"),
-                                                            progress=lambda line: None)).run()
+    reference, _, _ = run_in_process(tmp_path / "reference", **{**TINY, "shuffle": "holder"}, holder_seed=3)
     assert metrics["rounds"][0]["train_loss"] == pytest.approx(reference["rounds"][0]["train_loss"], abs=1e-6)
     # One image either way: the SuperNodes' fresh ClientApp processes and this process can round differently.
     assert metrics["final"]["accuracy"] == pytest.approx(reference["final"]["accuracy"], abs=1 / 500)
-    federation = federation_for(config)
+    federation = placement_for(config)
     for holder in range(2):
         folder = holder_home(run_dir, holder)
         assert (folder / KEY_FILE).is_file() and (folder / "data.npz").is_file()

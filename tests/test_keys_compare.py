@@ -1,15 +1,23 @@
-"""Image metrics, key-space figures and the key comparison (``python -m simulation.keys compare``)."""
+"""Image metrics, key-space figures, the key comparison (simulation.key_table) and its command
+(``python -m simulation.keys compare``), whose keys come from holder-side material only (simulation.cli)."""
 
+import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from clients.holder import KEY_FILE, holder_home
 from clients.keys import HolderKey
+from clients.secrets import SECRET_BYTES, SECRETS_FILE, HolderSecrets, channel_order, draw_key
 from simulation import keys as key_report
+from simulation.cli import FRESH_KEYS_NOTE, add_setup_arguments, setup_from_arguments, setup_model
+from simulation.config import ExperimentConfig
 from simulation.data import load_dataset
 from simulation.imagemetrics import (
     psnr,
@@ -18,16 +26,14 @@ from simulation.imagemetrics import (
     ssim,
     ssim_per_image,
 )
-from simulation.keys import (
-    channel_orders,
+from simulation.key_table import (
     compare_keys,
     format_key_table,
-    holder_keys,
     matrix_keyspace_log10,
     order_keyspace_log10,
-    setup_model,
     write_key_report,
 )
+
 
 WANG = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
 
@@ -96,20 +102,30 @@ def test_matrix_keyspace_counts_free_entries_per_family():
 
 
 # --- holders' keys and orders ---------------------------------------------------------------------
+def seeded_keys(image_shape, holders, *, holder_seed, family="repeated", entries="uniform"):
+    """Keys as `--holder-seed` draws them: from each holder's own secrets, never from the experiment seed."""
+    return [draw_key(HolderSecrets.from_holder_seed(holder_seed, i), image_shape, family=family, block_size=None,
+                     entries=entries, padding=0) for i in range(holders)]
+
+
 def test_holder_keys_are_reproducible_and_distinct():
-    first = holder_keys((1, 8, 8), 3, seed=4)
-    again = holder_keys((1, 8, 8), 3, seed=4)
+    first = seeded_keys((1, 8, 8), 3, holder_seed=4)
+    again = seeded_keys((1, 8, 8), 3, holder_seed=4)
     assert [k.fingerprint for k in first] == [k.fingerprint for k in again]
     assert len({k.fingerprint for k in first}) == 3
-    assert first[0].fingerprint != holder_keys((1, 8, 8), 1, seed=5)[0].fingerprint
+    assert first[0].fingerprint != seeded_keys((1, 8, 8), 1, holder_seed=5)[0].fingerprint
+    fresh = HolderSecrets.fresh()
+    assert draw_key(fresh, (1, 8, 8), family="repeated", block_size=None, entries="uniform", padding=0).fingerprint \
+        not in {k.fingerprint for k in first}
 
 
 def test_channel_orders_modes():
-    federation = channel_orders(8, 3, "federation", seed=0)
-    holder = channel_orders(8, 3, "holder", seed=0)
+    secrets = [HolderSecrets.from_holder_seed(0, i) for i in range(3)]
+    federation = [channel_order(s, "federation", 8).tolist() for s in secrets]
+    holder = [channel_order(s, "holder", 8).tolist() for s in secrets]
     assert all(order == federation[0] for order in federation) and sorted(federation[0]) == list(range(8))
     assert len({tuple(order) for order in holder}) == 3
-    assert channel_orders(8, 3, "none", seed=0) is None
+    assert channel_order(secrets[0], "none", 8).tolist() == list(range(8))
 
 
 # --- the comparison -------------------------------------------------------------------------------
@@ -121,9 +137,9 @@ def digits():
 def test_compare_keys_rows_and_report(digits, tmp_path):
     model, _ = setup_model("cnn", digits, seed=0)
     conv = model.first
-    keys = holder_keys(digits.image_shape, 2, family="repeated", seed=1) + holder_keys(digits.image_shape, 1, family="dense", seed=2)
+    keys = seeded_keys(digits.image_shape, 2, holder_seed=1) + seeded_keys(digits.image_shape, 1, holder_seed=2, family="dense")
     images = torch.from_numpy(digits.train.images)
-    orders = channel_orders(conv.out_channels, 3, "holder", seed=0)
+    orders = [channel_order(HolderSecrets.from_holder_seed(0, i), "holder", conv.out_channels).tolist() for i in range(3)]
     rows = compare_keys(keys, conv, images, mean=digits.mean, std=digits.std, order=orders, backbone=model.backbone, timing_batch=8, timing_repeats=1)
     assert [row["fingerprint"] for row in rows] == [key.fingerprint for key in keys]
     repeated, dense = rows[0], rows[2]
@@ -131,7 +147,8 @@ def test_compare_keys_rows_and_report(digits, tmp_path):
     assert repeated["order_keyspace_log10"] == pytest.approx(math.log10(math.factorial(32)))
     assert dense["augconv_bytes"] > repeated["augconv_bytes"] > 0
     for row in rows:
-        assert row["kpa_psnr_db"] > 60  # the demonstration breaks every key with the computed number of images
+        assert row["kpa_psnr_db"] > 60  # the demonstration breaks every key with as many images as span the decrypted ones
+        assert row["kpa_known_images"] >= 1 and row["kpa_rank"] <= row["kpa_full_rank"]
         assert row["morph_ssim"] < 0.5 and row["morph_psnr_db"] < 15
         assert min(row["augconv_ms"], row["conv_ms"], row["augconv_step_ms"], row["step_ms"]) > 0
     table = format_key_table(rows)
@@ -165,3 +182,116 @@ def test_compare_command_bad_block_size_is_a_one_line_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: block size q = 7 does not divide N = 64") and "\n" not in err
+
+
+def test_known_plaintext_demonstration_counts_the_images_its_images_need(digits):
+    # A run's key table demonstrates on the test split's first 64 images. Test image 0 has background in its first
+    # two columns and its last: its 8 rows span 6 of the 8 directions, so "the 1 known image needed" decrypted the
+    # next images at 20-26 dB, while the command's first training image (7 directions) decrypted seven of its next
+    # eight exactly (about 120 dB in the mean). The row now says how many images these images took, and which.
+    conv = setup_model("cnn", digits, seed=0)[0].first
+    (key,) = seeded_keys(digits.image_shape, 1, holder_seed=0)
+    samples = digits.test.images[:64]
+    (row,) = compare_keys([key], conv, samples, mean=digits.mean, std=digits.std, timing_batch=8, timing_repeats=1,
+                          sample_images="test split images")
+    assert row["known_images_needed"] == 1  # generic images
+    assert row["kpa_needed_rank"] < row["kpa_full_rank"] == 8 and row["kpa_needed_psnr_db"] < 40
+    assert row["kpa_known_images"] > 1 and row["kpa_rank"] == 8
+    assert row["kpa_psnr_db"] > 60
+    used = row["kpa_known_images"]
+    assert row["kpa_images"] == f"known test split images 0-{used - 1}, decrypted test split images 56-63"
+    table = format_key_table([row])
+    assert row["kpa_images"] in table and f"{used} (rank 8/8)" in table
+    # the command's images (train split, then test) give the same verdict: the key breaks
+    (command_row,) = compare_keys([key], conv, np.concatenate([digits.train.images, digits.test.images]),
+                                  mean=digits.mean, std=digits.std, timing_batch=8, timing_repeats=1)
+    assert command_row["kpa_psnr_db"] > 60 and command_row["kpa_rank"] == 8
+
+
+# --- the command's set-up: keys from holder-side material only ------------------------------------
+QUICK = ["--samples", "2", "--timing-batch", "8", "--timing-repeats", "1", "--no-known-plaintext"]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_setup_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def fingerprints(out):
+    return [row["fingerprint"] for row in json.loads((out / "keys.json").read_text())["holders"]]
+
+
+def test_compare_command_keys_repeat_with_a_holder_seed_and_are_fresh_without(tmp_path, capsys, digits):
+    runs = {}
+    for name, extra in [("seeded", ["--holder-seed", "7"]), ("seeded-again", ["--holder-seed", "7"]), ("fresh", []), ("fresh-again", [])]:
+        assert key_report.main(["compare", "--holders", "2", *QUICK, "--seed", "3", *extra, "--out", str(tmp_path / name)]) == 0
+        runs[name] = (fingerprints(tmp_path / name), capsys.readouterr().out)
+    assert runs["seeded"][0] == runs["seeded-again"][0] == [k.fingerprint for k in seeded_keys(digits.image_shape, 2, holder_seed=7)]
+    assert FRESH_KEYS_NOTE not in runs["seeded"][1]
+    assert set(runs["fresh"][0]).isdisjoint(runs["fresh-again"][0])  # the same --seed, other keys
+    assert runs["fresh"][1].count(FRESH_KEYS_NOTE) == 1
+    context = json.loads((tmp_path / "seeded" / "keys.json").read_text())["context"]
+    assert context["key_source"] == "drawn from --holder-seed (not recorded)" and "holder_seed" not in context
+
+
+def test_the_experiment_seed_never_changes_keys_or_orders():
+    one = setup_from_arguments(parse(["--holder-seed", "7", "--shuffle", "holder", "--seed", "1"]), holders=2)
+    two = setup_from_arguments(parse(["--holder-seed", "7", "--shuffle", "holder", "--seed", "2"]), holders=2)
+    assert [k.fingerprint for k in one.keys] == [k.fingerprint for k in two.keys]
+    assert one.orders == two.orders == [channel_order(HolderSecrets.from_holder_seed(7, i), "holder", 32).tolist() for i in range(2)]
+    assert not torch.equal(one.first_conv.weight, two.first_conv.weight)  # --seed: the first layer's initialisation
+
+
+def test_old_flag_names_still_work_and_key_padding_conv_takes_the_convs_padding():
+    old = setup_from_arguments(parse(["--holder-seed", "1", "--entries", "integer", "--padding", "1", "--channel-order", "none"]), holders=1)
+    new = setup_from_arguments(parse(["--holder-seed", "1", "--key-entries", "integer", "--key-padding", "conv", "--shuffle", "none"]), holders=1)
+    assert old.keys[0].fingerprint == new.keys[0].fingerprint
+    assert (new.keys[0].padding, new.keys[0].entries) == (1, "integer")  # the cnn's first convolution pads by 1
+    assert old.orders is None and new.orders is None and new.describe()["channel_order"] == "none"
+
+
+def fake_run(folder: Path, digits, *, holders=2):
+    """A run folder as simulation.run leaves it, for what the commands read: config.json, first_layer.pt and each
+    holder's secrets.json and key.mple (no simulation is run)."""
+    folder.mkdir()
+    config = ExperimentConfig(holders=holders, dataset="digits", key_family="blocks", key_entries="integer", shuffle="holder", seed=11)
+    (folder / "config.json").write_text(config.to_json())
+    model, _ = setup_model("cnn", digits, seed=99)
+    torch.save({"first": model.first.state_dict(), "backbone": model.backbone.state_dict()}, folder / "first_layer.pt")
+    federation = os.urandom(SECRET_BYTES)  # shared by the run's holders, as the launcher provisions it
+    secrets, keys = [], []
+    for holder in range(holders):
+        home = holder_home(folder, holder)
+        secrets.append(HolderSecrets.fresh(federation=federation))
+        secrets[-1].save(home / SECRETS_FILE)
+        keys.append(draw_key(secrets[-1], digits.image_shape, family="blocks", block_size=None, entries="integer", padding=0))
+        keys[-1].save(home / KEY_FILE)
+    return secrets, keys, model.first
+
+
+def test_run_folder_gives_the_runs_own_keys_orders_and_first_layer(tmp_path, digits, capsys):
+    run = tmp_path / "run"
+    secrets, keys, first = fake_run(run, digits)
+    setup = setup_from_arguments(parse(["--run", str(run)]), holders=None)
+    assert [k.fingerprint for k in setup.keys] == [k.fingerprint for k in keys]
+    assert setup.orders == [channel_order(s, "holder", first.out_channels).tolist() for s in secrets]
+    assert torch.equal(setup.first_conv.weight, first.weight)
+    assert setup.describe()["key_source"] == f"from run {run}" and setup.describe()["channel_order"] == "holder"
+    assert key_report.main(["compare", "--run", str(run), *QUICK, "--out", str(tmp_path / "out")]) == 0
+    assert fingerprints(tmp_path / "out") == [k.fingerprint for k in keys]
+    assert FRESH_KEYS_NOTE not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--key-family", "dense"], "--key-family is decided by the run in --run"),
+    (["--holder-seed", "3"], "--holder-seed is decided by the run in --run"),
+    (["--holders", "3"], "has holders 0..1"),
+])
+def test_run_folder_refuses_what_the_run_decides(tmp_path, digits, capsys, extra, problem):
+    run = tmp_path / "run"
+    fake_run(run, digits)
+    assert key_report.main(["compare", "--run", str(run), *extra, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert problem in error and "\n" not in error
+    assert not (tmp_path / "out").exists()

@@ -22,20 +22,20 @@ import pytest
 import torch
 
 from clients.holder import Holder, HolderCache, holder_home
+from clients.secrets import HolderSecrets
 from server.first_layer import initial_model
-from server.server_app import Federation, ServerSettings
 from simulation.config import build_config
-from simulation.federation import federation_for
-from simulation.run import prepare_run_dir
+from simulation.placement import placement_for
+from simulation.protocol import HolderSettings
 
-from .inprocess import InProcessGrid
+from .inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_TIMEOUT_S = 300
 # Three holders, two sampled per round, the classifier kept at each holder: resuming must restore the sampling
 # state and each holder's local layers, not just the global weights.
 SMALL_RUN = ["--holders", "3", "--rounds", "3", "--pretrain-epochs", "1", "--fraction-train", "0.67",
-             "--local-layers", "classifier.3"]
+             "--local-layers", "classifier.3", "--holder-seed", "11"]
 
 
 def engine_run(*args: str, out: Path) -> subprocess.CompletedProcess:
@@ -64,10 +64,8 @@ def rounds_done(run_dir: Path) -> int:
 
 # ------------------------------------------------------------------------------------------ holders at scale
 def test_holders_are_created_only_when_sampled(tmp_path):
-    config = build_config({"holders": 20, "rounds": 1, "pretrain_epochs": 1, "fraction_train": 0.1,
-                           "fraction_evaluate": 0.1})
-    run_dir = prepare_run_dir(config, tmp_path / "run")
-    metrics = Federation(InProcessGrid(20), ServerSettings(config, run_dir, progress=lambda line: None)).run()
+    metrics, _, run = run_in_process(tmp_path, 20, rounds=1, fraction_train=0.1, fraction_evaluate=0.1)
+    run_dir = run.settings.run_dir
     (row,) = metrics["rounds"]
     sampled = {0}  # holder 0 brings the initial backbone into the federation's channel order
     for table in (row["per_holder"], row["per_holder_eval"], metrics["final"]["per_holder"]):
@@ -80,9 +78,11 @@ def test_holders_are_created_only_when_sampled(tmp_path):
 
 def test_holders_index_one_dataset_per_process_and_the_cache_is_bounded(tmp_path):
     config = build_config({"holders": 20})
-    federation = federation_for(config)
+    federation = placement_for(config)
     first = initial_model(config, federation).first
-    holders = [Holder(h, config, tmp_path / f"holder-{h}", first, "mple", torch.device("cpu")) for h in range(3)]
+    settings = HolderSettings.from_config(config, "mple")
+    holders = [Holder(h, settings, tmp_path / f"holder-{h}", HolderSecrets.from_holder_seed(0, h), first,
+                      torch.device("cpu")) for h in range(3)]
     for holder in holders:
         # Holders keep index arrays into the one dataset of the process, never a copy of their images.
         assert holder._sources["train"] is federation.dataset.train
@@ -96,9 +96,7 @@ def test_holders_index_one_dataset_per_process_and_the_cache_is_bounded(tmp_path
 
 
 def test_evaluation_uses_the_local_layers_each_holder_trained_this_round(tmp_path):
-    config = build_config({"holders": 3, "rounds": 1, "pretrain_epochs": 1, "local_layers": ["classifier.3"]})
-    run_dir = prepare_run_dir(config, tmp_path / "run")
-    metrics = Federation(InProcessGrid(3), ServerSettings(config, run_dir, progress=lambda line: None)).run()
+    metrics, _, _ = run_in_process(tmp_path, 3, rounds=1, local_layers=["classifier.3"])
     # Same global backbone, same test images: only each holder's own trained head tells their losses apart (with
     # the initial head for all, as when evaluation read the previous round's local state, they agree to ~1e-7).
     losses = [row["eval-loss"] for row in metrics["final"]["per_holder"].values()]
@@ -106,9 +104,7 @@ def test_evaluation_uses_the_local_layers_each_holder_trained_this_round(tmp_pat
 
 
 def test_holders_without_test_images_do_not_stop_the_run(tmp_path):
-    config = build_config({"holders": 3, "rounds": 1, "pretrain_epochs": 1, "test_fraction": 0.0})
-    run_dir = prepare_run_dir(config, tmp_path / "run")
-    metrics = Federation(InProcessGrid(3), ServerSettings(config, run_dir, progress=lambda line: None)).run()
+    metrics, _, _ = run_in_process(tmp_path, 3, rounds=1, test_fraction=0.0)
     (row,) = metrics["rounds"]
     assert (row["holders_evaluated"], row["accuracy"]) == (3, None)  # nothing to score on the holders' own splits
     assert metrics["final"]["holders"] == 3 and metrics["final"]["accuracy"] > 0  # the official test split
@@ -193,7 +189,7 @@ def _keys(argv):
 
 def _attack(name):
     def command(argv):
-        return __import__(f"server.attacks.{name}", fromlist=["main"]).main(argv)
+        return __import__(f"server.attacks.{name}.__main__", fromlist=["main"]).main(argv)
 
     command.__name__ = name
     return command

@@ -14,24 +14,14 @@ import torch
 from clients.holder import KEY_FILE, holder_home
 from clients.keys import HolderKey
 from server.audit import AuditGrid, AuditViolation
-from server.server_app import CHECKPOINT_FILE, Federation, ServerSettings
 from simulation.config import build_config
-from simulation.run import main, prepare_run_dir
+from simulation.run import main
+from simulation.run_folder import CHECKPOINT_FILE, prepare_run_dir
 
-from .inprocess import InProcessGrid
+from .inprocess import InProcessGrid, run_in_process
 
 BUILTIN = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg",
            "krum", "multikrum", "bulyan", "qfedavg")
-
-
-def run_in_process(tmp_path: Path, holders: int = 3, **settings):
-    stop = settings.pop("stop_after_round", None)
-    config = build_config({"holders": holders, "rounds": 2, "pretrain_epochs": 1, **settings})
-    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
-    grid = InProcessGrid(holders)
-    federation = Federation(grid, ServerSettings(config, run_dir, progress=lambda line: None,
-                                                 stop_after_round=stop))
-    return federation.run(), grid, federation
 
 
 def without_times(rows):
@@ -43,20 +33,20 @@ def test_every_builtin_strategy_trains_the_backbone_only(tmp_path, strategy):
     metrics, grid, federation = run_in_process(tmp_path, strategy=strategy)
     assert [row["round"] for row in metrics["rounds"]] == [1, 2]
     assert all(row["holders_trained"] == 3 and math.isfinite(row["train_loss"]) for row in metrics["rounds"])
-    shared = set(federation.shared)
-    backbone = set(federation.model.backbone.state_dict())
+    shared = set(federation.plan.shared)
+    backbone = set(federation.plan.model.backbone.state_dict())
     for message, reply in grid.log:
         if "arrays" in message.content:
             assert set(message.content["arrays"].keys()) == shared
         if not reply.has_error() and "arrays" in reply.content:
             assert set(reply.content["arrays"].keys()) == shared
     assert shared < backbone  # integer buffers at least stay home
-    assert set(federation.arrays.keys()) == shared
+    assert set(federation.loop.state.arrays.keys()) == shared
 
 
 def test_holder_local_layers_never_reach_the_server(tmp_path):
     metrics, grid, federation = run_in_process(tmp_path, shuffle="holder", local_layers=["classifier.3"])
-    local = {name for name in federation.model.backbone.state_dict() if name not in federation.shared}
+    local = {name for name in federation.plan.model.backbone.state_dict() if name not in federation.plan.shared}
     assert {"classifier.3.weight", "classifier.3.bias", "features.1.weight"} <= local  # BN after conv 1: order
     for message, reply in grid.log:
         for content in (message.content, None if reply.has_error() else reply.content):
@@ -126,7 +116,7 @@ def test_failed_holders_are_counted_and_the_round_goes_on(tmp_path):
     strict, _, federation = run_in_process(tmp_path / "b", holders=4, fail_holders=[1], min_holders=4, shuffle="none")
     assert not any(row["counted"] for row in strict["rounds"])
     initial = torch.load(federation.settings.run_dir / "first_layer.pt")["backbone"]
-    for name, value in federation.arrays.to_torch_state_dict().items():
+    for name, value in federation.loop.state.arrays.to_torch_state_dict().items():
         assert torch.allclose(value, initial[name].float())
 
 
@@ -144,10 +134,9 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path):
 
 
 def test_holder_shuffle_gives_each_holder_its_own_order_and_training_still_works(tmp_path):
-    from clients.holder import channel_order
+    from clients.secrets import HolderSecrets, channel_order
 
-    config = build_config({"holders": 3, "shuffle": "holder"})
-    orders = [channel_order(config, holder, 32) for holder in range(3)]
+    orders = [channel_order(HolderSecrets.from_holder_seed(0, holder), "holder", 32) for holder in range(3)]
     assert not torch.equal(orders[0], orders[1])
     assert all(torch.equal(order.sort().values, torch.arange(32)) for order in orders)
     metrics, _, _ = run_in_process(tmp_path, shuffle="holder")
@@ -157,10 +146,7 @@ def test_holder_shuffle_gives_each_holder_its_own_order_and_training_still_works
 @pytest.mark.parametrize("family", ["dense", "blocks", "repeated"])
 def test_mple_matches_its_baseline_for_every_key_family(tmp_path, family):
     mple, _, _ = run_in_process(tmp_path, rounds=1, key_family=family)
-    config = build_config({"holders": 3, "rounds": 1, "pretrain_epochs": 1, "key_family": family})
-    grid = InProcessGrid(3)
-    baseline = Federation(grid, ServerSettings(config, tmp_path / "run", variant="baseline",
-                                               progress=lambda line: None)).run()
+    baseline, _, _ = run_in_process(tmp_path, rounds=1, key_family=family, variant="baseline")
     loss, base_loss = mple["rounds"][0]["train_loss"], baseline["rounds"][0]["train_loss"]
     assert abs(loss - base_loss) / base_loss < 1e-3
     assert abs(mple["final"]["accuracy"] - baseline["final"]["accuracy"]) <= 0.01
@@ -168,7 +154,8 @@ def test_mple_matches_its_baseline_for_every_key_family(tmp_path, family):
 
 def test_cli_runs_on_flowers_ray_engine_and_writes_the_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["--holders", "3", "--rounds", "2", "--pretrain-epochs", "1", "--baseline", "--out", str(out)])
+    code = main(["--holders", "3", "--rounds", "2", "--pretrain-epochs", "1", "--baseline", "--holder-seed", "1",
+                 "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr()
     assert "round   2/2" in printed.out and "DEPRECATED" not in printed.out + printed.err
@@ -219,7 +206,7 @@ def test_differential_privacy_clips_backbone_updates(tmp_path, mode):
         assert max(norms) <= clip * (1 + 1e-4)
     else:  # the server clips while aggregating: the raw replies are larger, the aggregate moves at most `clip`
         assert max(norms) > clip
-    aggregate = federation.arrays.to_torch_state_dict()
+    aggregate = federation.loop.state.arrays.to_torch_state_dict()
     moved = math.sqrt(sum((aggregate[n] - sent[n]).pow(2).sum().item() for n in sent))
     assert 0 < moved <= clip * (1 + 1e-4)
 
@@ -227,7 +214,7 @@ def test_differential_privacy_clips_backbone_updates(tmp_path, mode):
 def test_a_user_strategy_from_a_file_runs_the_federation(tmp_path):
     spec = f"{Path(__file__).resolve().parents[1] / 'strategies/examples/accuracy_weighted.py'}:AccuracyWeightedFedAvg"
     metrics, _, federation = run_in_process(tmp_path, strategy=spec, strategy_args={"temperature": 0.05})
-    assert type(federation.strategy).__name__ == "AccuracyWeightedFedAvg"
+    assert type(federation.loop.strategy).__name__ == "AccuracyWeightedFedAvg"
     assert "AccuracyWeightedFedAvg" in json.dumps(metrics["strategy"])
     assert all(row["holders_trained"] == 3 for row in metrics["rounds"])
 

@@ -1,4 +1,6 @@
-"""What the attacks share: moving images between pixel units and the morphing domain, results files, commands.
+"""What the attacks share: moving images between pixel units and the morphing domain, results files.
+
+(What the attack *commands* share, the set-up of keys and argument helpers, is in :mod:`simulation.cli`.)
 
 Units. A holder morphs normalised images (``(x / 255 - mean) / std`` per channel), zero-padded to the
 key's domain when the key pads; that padded, normalised image is the plaintext ``D``. Attacks recover
@@ -8,11 +10,8 @@ colour), cropped back to the image, clamped to [0, 1], against the original, wit
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from simulation.data import normalize
 from simulation.errors import UsageError
+from simulation.files import atomic_write_json
 from simulation.imagemetrics import psnr_per_image, ssim_per_image
 
 
@@ -98,76 +98,10 @@ def jsonable(value):
 
 
 def write_json(path: Path, payload) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(payload), indent=2) + "\n")
-    return path
+    return atomic_write_json(path, jsonable(payload))
 
 
 def display_image(image: torch.Tensor) -> np.ndarray:
     """A ``(C, H, W)`` image in [0, 1] as something ``imshow`` draws: ``(H, W)`` grey or ``(H, W, 3)`` colour."""
     array = image.detach().double().clamp(0, 1).cpu().numpy()
     return array[0] if array.shape[0] == 1 else np.moveaxis(array[:3], 0, -1)
-
-
-# ------------------------------------------------------------------------------------------ commands
-def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
-    """Run a command's body; a UsageError becomes one line on stderr and exit code 2."""
-    try:
-        return main(argv)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-
-
-def parse_counts(text: str) -> list[int]:
-    """A comma-separated list of positive integers, e.g. ``1,2,4,8``."""
-    try:
-        counts = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not counts or counts[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return counts
-
-
-def _int_at_least(minimum: int, expected: str):
-    """An argparse type for integers of at least `minimum`; `expected` names them in the error."""
-
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return convert
-
-
-positive_int = _int_at_least(1, "a positive integer")
-holder_index = _int_at_least(0, "a holder id (0, 1, ...)")
-
-
-def new_output_folder(path: Path, results: Sequence[str]) -> Path:
-    """Refuse an --out that is a file or that already holds results, so that earlier results are never overwritten."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path} is a file; give a folder")
-    existing = [name for name in results if (path / name).exists()]
-    if existing:
-        raise UsageError(f"--out {path} already holds {existing[0]} from an earlier run; choose a new --out")
-    return path
-
-
-def attack_parser(name: str, description: str, *, holder_help: str) -> argparse.ArgumentParser:
-    """The arguments every single-holder attack command shares: the experiment set-up, which holder, where to
-    write (results/attacks/NAME by default)."""
-    from simulation.keys import add_setup_arguments
-
-    parser = argparse.ArgumentParser(prog=f"python -m server.attacks.{name}", description=description)
-    add_setup_arguments(parser)
-    parser.add_argument("--holder", type=holder_index, default=0, help=f"{holder_help} (default 0)")
-    parser.add_argument("--out", type=Path, default=Path(f"results/attacks/{name}"),
-                        help=f"output folder for {name}.json and its figure (default results/attacks/{name})")
-    return parser

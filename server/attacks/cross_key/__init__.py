@@ -4,14 +4,14 @@ The diagonal is each holder's own accuracy. Off the diagonal, holder ``j``'s dat
 go through ``M_i^-1``: if keys separate holders, those accuracies fall to about chance.
 
 :func:`cross_key_matrix` takes a trained backbone (the lead's simulation calls it after a run).
-The command trains a small backbone itself, quickly, on the holders' morphed training data through
-their own AugConvs (the first layer frozen, random from the seed), then measures the matrix.
+The command (``python -m server.attacks.cross_key``, in ``__main__.py``) trains a small backbone itself,
+quickly, on the holders' morphed training data through their own AugConvs (the first layer frozen, random
+from the seed), then measures the matrix; with ``--run`` it measures a finished run's
+(:func:`cross_key_for_run`).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,11 +20,20 @@ import torch
 from torch import nn
 
 from clients.augconv import AugConv
+from clients.holder import Holder, holder_home
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import run_command, write_json, positive_int
+from clients.secrets import SECRETS_FILE, HolderSecrets
+from server.attacks.common import write_json
+from server.checkpoint import Checkpoints
+from server.first_layer import initial_model, load_first_layer
+from simulation.config import ExperimentConfig
 from simulation.data import ImageDataset, normalize, partition
+from simulation.errors import UsageError
 from simulation.models import build_model
+from simulation.placement import placement_for
+from simulation.protocol import HolderSettings
+from simulation.run_folder import CHECKPOINT_FILE, FIRST_LAYER_FILE, RUN_MARKER
 
 
 def cross_key_matrix(
@@ -145,86 +154,28 @@ def train_demo_backbone(
 def cross_key_for_run(run_dir: str | Path, *, max_holders: int = 10) -> tuple[np.ndarray, dict]:
     """The matrix for a finished `simulation.run`: its final global backbone (mple/checkpoint.pt), and the first
     `max_holders` holders' AugConvs and test splits from their own folders."""
-    from clients.holder import Holder, holder_home
-    from server.first_layer import initial_model
-    from simulation.config import ExperimentConfig
-    from simulation.errors import UsageError
-    from simulation.federation import federation_for
-
     run_dir = Path(run_dir)
-    checkpoint = run_dir / "mple" / "checkpoint.pt"
-    if not (run_dir / "config.json").is_file() or not checkpoint.is_file():
-        raise UsageError(f"{run_dir} is not a finished run folder (config.json and mple/checkpoint.pt expected)")
-    config = ExperimentConfig.from_json((run_dir / "config.json").read_text())
+    checkpoints = Checkpoints(run_dir / "mple")
+    if not (run_dir / RUN_MARKER).is_file() or not checkpoints.path.is_file():
+        raise UsageError(f"{run_dir} is not a finished run folder ({RUN_MARKER} and mple/{CHECKPOINT_FILE} expected)")
+    config = ExperimentConfig.from_json((run_dir / RUN_MARKER).read_text())
     if config.shuffle == "holder" or config.local_layers:
         raise UsageError("cross-key needs one global backbone; this run keeps layers local per holder "
                          "(--shuffle holder or --local-layers), so each holder's model differs")
-    federation = federation_for(config)
-    model = initial_model(config, federation)
-    first = torch.load(run_dir / "first_layer.pt", map_location="cpu", weights_only=True)
-    model.first.load_state_dict(first["first"])
-    model.backbone.load_state_dict(first["backbone"])
-    model.backbone.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["arrays"],
-                                   strict=False)
-    holders = [Holder(h, config, holder_home(run_dir, h), model.first, "mple", torch.device("cpu"))
-               for h in range(min(config.holders, max_holders))]
+    placement = placement_for(config)
+    model = initial_model(config, placement)
+    load_first_layer(run_dir / FIRST_LAYER_FILE, model)
+    model.backbone.load_state_dict(checkpoints.read()["arrays"], strict=False)
+    settings = HolderSettings.from_config(config, "mple")
+    homes = [holder_home(run_dir, h) for h in range(min(config.holders, max_holders))]
+    holders = [Holder(h, settings, home, HolderSecrets.load(home / SECRETS_FILE), model.first, torch.device("cpu"))
+               for h, home in enumerate(homes)]
     test_sets = []
     for holder in holders:
         batches = list(holder.batches("test")())
         test_sets.append((torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])))
-    labels = federation.dataset.test.labels
+    labels = placement.dataset.test.labels
     context = {"run": str(run_dir), "holders": len(holders), "dataset": config.dataset, "model": config.model,
                "key_family": config.key_family}
     context["majority_class_rate"] = float(np.bincount(labels).max() / len(labels))
     return cross_key_matrix(model.backbone, [holder.first for holder in holders], test_sets), context
-
-
-# ------------------------------------------------------------------------------------------ command
-def _parser() -> argparse.ArgumentParser:
-    from simulation.keys import add_setup_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="python -m server.attacks.cross_key",
-        description="Train a small backbone on the holders' morphed data (each through its own AugConv), then measure the accuracy "
-        "of every holder's AugConv on every holder's morphed test data.",
-    )
-    parser.add_argument("--run", type=Path, help="use a finished simulation.run folder (its global backbone and "
-                        "holders) instead of training a demonstration backbone")
-    parser.add_argument("--holders", type=int, default=3, help="number of data holders (default 3)")
-    add_setup_arguments(parser)
-    parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs of the demonstration backbone (default 5)")
-    parser.add_argument("--out", type=Path, default=Path("results/attacks/cross_key"), help="output folder for cross_key.json and .png")
-    return parser
-
-
-def _main(argv: list[str] | None) -> int:
-    from simulation.keys import setup_from_arguments
-
-    args = _parser().parse_args(argv)
-    if args.run is not None:
-        accuracy, context = cross_key_for_run(args.run)
-        with np.printoptions(precision=3, suppress=True):
-            print(accuracy)
-        json_path, png_path = write_cross_key(accuracy, args.out, chance=context["majority_class_rate"], context=context)
-        print(f"wrote {json_path} and {png_path}")
-        return 0
-    setup = setup_from_arguments(args, holders=args.holders)
-    backbone, augconvs, test_sets = train_demo_backbone(
-        args.model, setup.dataset, setup.first_conv, setup.keys, setup.orders, epochs=args.epochs, seed=args.seed
-    )
-    accuracy = cross_key_matrix(backbone, augconvs, test_sets)
-    with np.printoptions(precision=3, suppress=True):
-        print(accuracy)
-    context = setup.describe() | {"epochs": args.epochs, "keys": [key.summary() for key in setup.keys]}
-    majority = float(np.bincount(setup.dataset.test.labels).max() / len(setup.dataset.test.labels))
-    json_path, png_path = write_cross_key(accuracy, args.out, chance=majority, context=context)
-    print(f"wrote {json_path} and {png_path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,14 +22,12 @@ AugConv module proceeds in four steps, none of which needs the key or any image:
 A convolution with a bias gives the order away directly: AugConv's output on an all-zero image is the
 bias in the secret order. :func:`reversing_attack` reports whether that alone recovers the order.
 
-Command: ``python -m server.attacks.reversing --help``.
+Command: ``python -m server.attacks.reversing --help`` (in ``__main__.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,16 +41,7 @@ from torch import nn
 from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import (
-    attack_parser,
-    normalized_images,
-    positive_int,
-    reconstruction_quality,
-    run_command,
-    to_domain,
-    to_pixels,
-    write_json,
-)
+from server.attacks.common import normalized_images, reconstruction_quality, to_domain, to_pixels
 from simulation.errors import UsageError
 
 PROBE_CHUNK = 256
@@ -220,39 +209,3 @@ def _order_from_bias(conv: nn.Conv2d, augconv: AugConv) -> list[int] | None:
     fused = augconv.bias.detach().double().cpu()
     _, order = linear_sum_assignment(torch.cdist(fused[:, None], plain[:, None]).numpy())
     return order.tolist()
-
-
-# ------------------------------------------------------------------------------------------ command
-def _parser() -> argparse.ArgumentParser:
-    parser = attack_parser(
-        "reversing",
-        "Reversing attack: recover a holder's channel order and M^-1 from the first convolution and the holder's "
-        "AugConv, then decrypt the holder's morphed images. Needs C of full row rank (beta*n^2 > N).",
-        holder_help="which holder to attack",
-    )
-    parser.add_argument("--test-images", type=positive_int, default=32, help="morphed images decrypted and scored (default 32)")
-    return parser
-
-
-def _main(argv: list[str] | None) -> int:
-    from simulation.keys import setup_from_arguments
-
-    args = _parser().parse_args(argv)
-    setup = setup_from_arguments(args, holders=args.holder + 1)
-    key = setup.keys[args.holder]
-    order = None if setup.orders is None else setup.orders[args.holder]
-    images = torch.from_numpy(setup.dataset.test.images[: args.test_images])
-    report = evaluate_reversing(setup.first_conv, key, order, images, mean=setup.dataset.mean, std=setup.dataset.std, seed=args.seed)
-    for name, value in report.items():
-        print(f"{name}: {value}")
-    path = write_json(args.out / "reversing.json", {"attack": "reversing", **setup.describe(), "holder": args.holder, "key": key.summary(), **report})
-    print(f"wrote {path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

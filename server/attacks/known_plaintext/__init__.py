@@ -13,36 +13,27 @@ Each system is solved for its minimum-norm solution, which is exact on the span 
 the holder's other morphed images are then decrypted by least squares against the recovered matrix.
 Images that fall outside the span (too few known images) come back as their projection onto it.
 
-Command: ``python -m server.attacks.known_plaintext --help``.
+How many known images that takes depends on the images: :func:`known_images_needed` is the count for
+generic images; real ones can span less (most of digits' 8x8 images have background in their first
+and last columns, so every row of a ``repeated`` key's system has the same value there), so
+:func:`plaintext_rank` and :func:`known_images_spanning` measure it on the images at hand.
+
+Command: ``python -m server.attacks.known_plaintext --help`` (in ``__main__.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import (
-    attack_parser,
-    data_coordinates,
-    normalized_images,
-    parse_counts,
-    positive_int,
-    reconstruction_quality,
-    run_command,
-    to_domain,
-    to_pixels,
-    write_json,
-)
+from server.attacks.common import data_coordinates, normalized_images, reconstruction_quality, to_domain, to_pixels
 from simulation.errors import UsageError
 
 # Morphed images travel as float32 (rounding error 6e-8 of each value): along directions of the known
@@ -67,6 +58,11 @@ class RecoveredKey:
     known_images: int
 
     @property
+    def rank(self) -> int:
+        """Directions of the plaintext the known images determined, summed over the stored blocks."""
+        return sum(v.shape[1] for v in self.basis)
+
+    @property
     def blocks(self) -> torch.Tensor:
         """The estimated blocks, ``(count, q, q)`` float64."""
         return torch.stack([v @ w for v, w in zip(self.basis, self.coefficients)])
@@ -89,7 +85,8 @@ def known_images_needed(family: str, block_size: int, image_shape: Sequence[int]
     they need no equations (and cannot be recovered; they are never needed to decrypt). With
     ``padding = 0``: ``repeated`` needs ``ceil(q / (N/q))`` images (one image gives ``N/q`` block
     rows), ``blocks`` needs ``q`` and ``dense`` ``N``. Real images can be less generic (constant
-    rows, for instance), so the demonstration by :func:`attack_curve` is the measured figure.
+    rows, or columns that are always background), so :func:`known_images_spanning` and the
+    demonstration by :func:`attack_curve` are the measured figures.
     """
     mask = data_coordinates(image_shape, padding).reshape(-1, block_size)  # (N/q, q)
     if family == "dense":
@@ -103,24 +100,64 @@ def known_images_needed(family: str, block_size: int, image_shape: Sequence[int]
     raise UsageError(f"unknown key family {family!r}; choose one of dense, blocks, repeated")
 
 
+def full_rank(family: str, block_size: int, image_shape: Sequence[int], padding: int = 0) -> int:
+    """The :func:`plaintext_rank` that determines the matrix on all image-data coordinates (padding excluded)."""
+    mask = data_coordinates(image_shape, padding).reshape(-1, block_size)  # (N/q, q)
+    if family == "repeated":  # one block for all positions: a direction per column that some position fills
+        return int(mask.any(dim=0).sum())
+    if family in ("blocks", "dense"):
+        return int(mask.sum())
+    raise UsageError(f"unknown key family {family!r}; choose one of dense, blocks, repeated")
+
+
+def plaintext_rank(plain: torch.Tensor, *, family: str, block_size: int) -> int:
+    """Rank of the equations that known plaintexts ``(k, C, H, W)`` (domain layout) give the attack, summed over the
+    systems it solves, with its cut-off: the matrix is recovered on that many directions, and another image
+    decrypts exactly when adding it leaves the rank unchanged."""
+    return sum(_rank(a) for a in _systems(plain, family, block_size))
+
+
+def known_images_spanning(known: torch.Tensor, targets: torch.Tensor, *, family: str, block_size: int,
+                          start: int = 1) -> int | None:
+    """The smallest ``k`` for which the first ``k`` of ``known`` span the equations of ``targets`` (both plaintexts in
+    the domain layout), so that the targets decrypt exactly; None when all of ``known`` do not.
+
+    The span only grows with ``k``. ``start`` (the computed count is a good guess) and one less are tried first; only
+    when the answer lies elsewhere does this double and bisect: a few SVDs, not one per count (a dense key's system
+    has ``N`` columns).
+    """
+    target_systems = _systems(targets, family, block_size)
+
+    def spans(count: int) -> bool:
+        pairs = zip(_systems(known[:count], family, block_size), target_systems)
+        return all(_rank(torch.cat([a, extra])) == _rank(a) for a, extra in pairs)
+
+    available = len(known)
+    start = min(max(start, 1), available)
+    if available == 0 or not spans(available):
+        return None
+    if spans(start):
+        if start == 1 or not spans(start - 1):
+            return start
+        low, high = 0, start - 1  # images that span little: fewer than the guess suffice
+    else:
+        low, high = start, min(2 * start, available)
+        while not spans(high):
+            low, high = high, min(2 * high, available)
+    # spans(high) holds; spans(low) does not (or low = 0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if spans(middle) else (middle, high)
+    return high
+
+
 def recover_key(plain: torch.Tensor, morphed: torch.Tensor, *, family: str, block_size: int) -> RecoveredKey:
     """Solve ``morphed = plain M`` by least squares; both ``(k, C, H, W)`` in the domain layout."""
     if plain.shape != morphed.shape or plain.dim() != 4:
         raise UsageError(f"known images {tuple(plain.shape)} and morphed images {tuple(morphed.shape)} must be matching (k, C, H, W) batches")
-    known = plain.shape[0]
-    q = block_size
-    d = plain.double().reshape(known, -1, q)  # (k, N/q, q)
-    t = morphed.double().reshape(known, -1, q)
-    if family == "repeated":
-        systems = [(d.reshape(-1, q), t.reshape(-1, q))]
-    elif family == "blocks":
-        systems = [(d[:, index], t[:, index]) for index in range(d.shape[1])]
-    elif family == "dense":
-        systems = [(d[:, 0], t[:, 0])]
-    else:
-        raise UsageError(f"unknown key family {family!r}; choose one of dense, blocks, repeated")
+    systems = zip(_systems(plain, family, block_size), _systems(morphed, family, block_size))
     factors = [_least_squares(a, b) for a, b in systems]
-    return RecoveredKey(family, tuple(v for v, _ in factors), tuple(w for _, w in factors), known)
+    return RecoveredKey(family, tuple(v for v, _ in factors), tuple(w for _, w in factors), plain.shape[0])
 
 
 def matrix_error(recovered: RecoveredKey, key: HolderKey) -> float:
@@ -146,7 +183,9 @@ def attack_curve(
 
     ``images`` (uint8, or already normalised floats) are this holder's: the first ``max(known_counts)``
     are the known pairs, the last ``test_images`` are decrypted and scored (PSNR and SSIM in pixel
-    units, see :mod:`server.attacks.common`). The holder morphs in float32, as in training.
+    units, see :mod:`server.attacks.common`). The holder morphs in float32, as in training. Each point
+    has the ``rank`` the known images reached (out of :func:`full_rank`): below it, the images they do
+    not span come back as projections.
     """
     normalized = normalized_images(images, mean, std)
     largest = max(known_counts)
@@ -168,6 +207,7 @@ def attack_curve(
         curve.append(
             {
                 "known_images": count,
+                "rank": recovered.rank,
                 **reconstruction_quality(test_original, decrypted),
                 "matrix_error": matrix_error(recovered, key),
                 "seconds": seconds,
@@ -207,6 +247,26 @@ def plot_curve(curve: list[dict], path: Path, *, title: str, needed: int) -> Pat
     return path
 
 
+def _systems(domain: torch.Tensor, family: str, block_size: int) -> list[torch.Tensor]:
+    """The rows of the systems the attack solves, from ``(k, C, H, W)`` images in the domain layout: all block rows
+    for ``repeated``, one system per block position for ``blocks``, whole images for ``dense``."""
+    q = block_size
+    rows = domain.double().reshape(domain.shape[0], -1, q)  # (k, N/q, q)
+    if family == "repeated":
+        return [rows.reshape(-1, q)]
+    if family == "blocks":
+        return [rows[:, index] for index in range(rows.shape[1])]
+    if family == "dense":
+        return [rows[:, 0]]
+    raise UsageError(f"unknown key family {family!r}; choose one of dense, blocks, repeated")
+
+
+def _rank(a: torch.Tensor) -> int:
+    """Numerical rank with the least squares' cut-off (0 for an all-zero system, such as an all-padding block)."""
+    s = torch.linalg.svdvals(a)
+    return int((s > RELATIVE_CUTOFF * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+
+
 def _solve_rows(rows: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Minimum-norm ``d`` with ``d @ basis @ coefficients = t`` for each row ``t``."""
     if basis.shape[1] == 0:  # a block the known images never reached (all padding): its plaintext is zero
@@ -218,49 +278,7 @@ def _solve_rows(rows: torch.Tensor, basis: torch.Tensor, coefficients: torch.Ten
 def _least_squares(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-norm solution of ``a x = b`` as ``x = basis @ coefficients``, tiny singular values of ``a`` cut off."""
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    rank = int((s > RELATIVE_CUTOFF * s[0]).sum()) if s.numel() and s[0] > 0 else 0  # 0 for an all-padding block
+    rank = int((s > RELATIVE_CUTOFF * s[0]).sum()) if s.numel() and s[0] > 0 else 0  # as _rank, from the same SVD
     basis = vh[:rank].T  # (q, r)
     coefficients = (u[:, :rank].T @ b) / s[:rank, None]  # (r, q)
     return basis, coefficients
-
-
-# ------------------------------------------------------------------------------------------ command
-def _parser() -> argparse.ArgumentParser:
-    parser = attack_parser(
-        "known_plaintext",
-        "Known-plaintext attack on one holder's key: recover it from k known (image, morphed image) "
-        "pairs by least squares, decrypt other images, and plot PSNR/SSIM against k.",
-        holder_help="which holder's key to attack",
-    )
-    parser.add_argument("--known", type=parse_counts, default=None, help="known-image counts, e.g. 1,2,4 (default: powers of two up to twice the number needed)")
-    parser.add_argument("--test-images", type=positive_int, default=32, help="images decrypted and scored at each point (default 32)")
-    return parser
-
-
-def _main(argv: list[str] | None) -> int:
-    from simulation.keys import setup_from_arguments
-
-    args = _parser().parse_args(argv)
-    setup = setup_from_arguments(args, holders=args.holder + 1, with_model=False)
-    key = setup.keys[args.holder]
-    dataset = setup.dataset
-    needed = known_images_needed(key.family, key.block_size, key.image_shape, key.padding)
-    images = np.concatenate([dataset.train.images, dataset.test.images])
-    counts = args.known or default_known_counts(needed, len(images) - args.test_images)
-    curve = attack_curve(key, torch.from_numpy(images), mean=dataset.mean, std=dataset.std, known_counts=counts, test_images=args.test_images)
-    for point in curve:
-        print(f"k = {point['known_images']:>5}: PSNR {point['psnr_db']:7.2f} dB  SSIM {point['ssim']:.4f}  matrix error {point['matrix_error']:.2e}")
-    summary = {"attack": "known_plaintext", **setup.describe(), "holder": args.holder, "key": key.summary(), "known_images_needed": needed, "test_images": args.test_images, "curve": curve}
-    write_json(args.out / "known_plaintext.json", summary)
-    title = f"known plaintext on {dataset.name}: {key.family} key, q = {key.block_size}, {key.entries} entries, padding {key.padding}"
-    plot_curve(curve, args.out / "known_plaintext.png", title=title, needed=needed)
-    print(f"wrote {args.out / 'known_plaintext.json'} and {args.out / 'known_plaintext.png'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command(_main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,26 +1,37 @@
-"""Who holds what: the public split the server may pretrain on, and each holder's train and test indices."""
+"""Who holds which images: the public split the server may pretrain on, and each holder's train and test indices.
+
+A simulation's data placement is public plumbing (which hospital has which images), derived from the experiment
+seed; the holders' secrets are not (see clients.secrets).
+"""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 
-from simulation.config import ExperimentConfig
 from simulation.data import ImageDataset, load_dataset, partition, split_holder
 from simulation.errors import UsageError
+from simulation.seeds import derive_seed
 
 
-def derive_seed(seed: int, *labels) -> int:
-    """A 63-bit seed for one purpose (e.g. ("key", 7)), independent of every other purpose's."""
-    text = "/".join(str(part) for part in (seed, *labels)).encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+class PlacementSettings(Protocol):
+    """The settings a data placement depends on (an ExperimentConfig or a holder's HolderSettings)."""
+
+    dataset: str
+    data_dir: str | None
+    image_size: int | None
+    holders: int
+    partition: str
+    test_fraction: float
+    public_fraction: float
+    seed: int
 
 
 @dataclass(frozen=True, eq=False)
-class Federation:
+class DataPlacement:
     dataset: ImageDataset
     public: np.ndarray  # indices into dataset.train that no holder owns
     holder_train: tuple[np.ndarray, ...]
@@ -31,21 +42,21 @@ class Federation:
         return len(self.holder_train)
 
 
-def federation_for(config: ExperimentConfig) -> Federation:
-    return _federation(
-        config.dataset,
-        config.data_dir,
-        config.image_size,
-        config.holders,
-        config.partition,
-        config.test_fraction,
-        config.public_fraction,
-        config.seed,
+def placement_for(settings: PlacementSettings) -> DataPlacement:
+    return _placement(
+        settings.dataset,
+        settings.data_dir,
+        settings.image_size,
+        settings.holders,
+        settings.partition,
+        settings.test_fraction,
+        settings.public_fraction,
+        settings.seed,
     )
 
 
 @lru_cache(maxsize=4)
-def _federation(dataset_spec, data_dir, image_size, holders, scheme, test_fraction, public_fraction, seed) -> Federation:
+def _placement(dataset_spec, data_dir, image_size, holders, scheme, test_fraction, public_fraction, seed) -> DataPlacement:
     dataset = load_dataset(dataset_spec, data_dir=data_dir, image_size=image_size)
     order = np.random.default_rng(derive_seed(seed, "public")).permutation(len(dataset.train))
     num_public = int(round(public_fraction * len(order)))
@@ -61,4 +72,4 @@ def _federation(dataset_spec, data_dir, image_size, holders, scheme, test_fracti
         holder_train, holder_test = split_holder(private[part], test_fraction, seed=derive_seed(seed, "split", holder))
         train.append(holder_train)
         test.append(holder_test)
-    return Federation(dataset, public, tuple(train), tuple(test))
+    return DataPlacement(dataset, public, tuple(train), tuple(test))

@@ -1,0 +1,235 @@
+"""The server's round loop for one variant: Flower's `Strategy.start` loop, unrolled so that the server can audit
+each message, count failures, checkpoint after every round and resume, and sample holders reproducibly."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from torch import nn
+
+from server.audit import AuditGrid
+from server.checkpoint import Checkpoints, RoundState
+from server.plan import RunPlan, make_strategy
+from simulation.errors import UsageError
+from simulation.protocol import (
+    ACTION,
+    ARRAYS,
+    CONFIG,
+    EVALUATE_METRICS,
+    FIRST_LAYER,
+    INITIAL_LOCAL,
+    METRICS,
+    PLAIN_ORDER,
+    SERVER_ROUND,
+    SETTINGS,
+    SPLIT,
+    TRAIN_METRICS,
+    HolderSettings,
+    module_record,
+)
+from simulation.seeds import derive_seed
+
+CONNECT_TIMEOUT_S = 600
+
+
+class RoundLoop:
+    """One variant's rounds: sends the holders their work through the audited grid, aggregates with the strategy,
+    checkpoints every round, and returns the variant's rounds and final evaluation."""
+
+    def __init__(self, grid: AuditGrid, plan: RunPlan, first: nn.Conv2d, variant: str, checkpoints: Checkpoints, *,
+                 progress: Callable[[str], None] = print, stop_after_round: int | None = None):
+        self.grid = grid
+        self.config = plan.config
+        self.checkpoints = checkpoints
+        self.progress = progress
+        self.stop_after_round = stop_after_round
+        self.variant = variant
+        self.shared = plan.shared
+        self.first_layer = module_record(first)
+        self.initial_local = plan.initial_local
+        self.settings = HolderSettings.from_config(plan.config, variant).to_json()
+        self.state = RoundState(
+            arrays=plan.initial_shared,
+            strategy=make_strategy(plan.config),
+            sampling=random.Random(derive_seed(plan.config.seed, "sampling")),
+            aligned=plan.config.shuffle != "federation",
+        )
+
+    @property
+    def strategy(self):
+        return self.state.strategy
+
+    # ------------------------------------------------------------ messages
+    def _config(self, **extra) -> ConfigRecord:
+        return ConfigRecord({SETTINGS: self.settings, "lr": self.config.lr, **extra})
+
+    def _with_holder_records(self, messages) -> list[Message]:
+        messages = list(messages)
+        for message in messages:
+            message.content[FIRST_LAYER] = self.first_layer
+            message.content[INITIAL_LOCAL] = self.initial_local
+        return messages
+
+    def _query(self, node_ids, **config) -> list[Message]:
+        content = RecordDict({CONFIG: self._config(**{SERVER_ROUND: self.state.round}, **config)})
+        messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+        if config.get(ACTION) == "align":
+            messages = self._with_holder_records(messages)
+            content[ARRAYS] = self.state.arrays
+        return self.grid.send_and_receive(messages)
+
+    def identify_holders(self) -> None:
+        nodes = list(self.grid.get_node_ids())
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while len(nodes) < self.config.holders:
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"only {len(nodes)} of {self.config.holders} holders connected within {CONNECT_TIMEOUT_S} s; "
+                    "start one SuperNode per holder or lower --holders"
+                )
+            time.sleep(1)
+            nodes = list(self.grid.get_node_ids())
+        replies = self._query(nodes, **{ACTION: "identify"})
+        failed = [reply for reply in replies if reply.has_error()]
+        if failed:
+            raise RuntimeError(f"{len(failed)} holder(s) could not identify themselves: {failed[0].error.reason}")
+
+    def align_channel_order(self) -> None:
+        """With one federation-wide channel order, the initial backbone must be brought into that order once; a
+        holder does it (the server never learns the order from this alone: see docs/privacy.md)."""
+        first = self.grid.get_node_ids()[0]
+        (reply,) = self._query([first], **{ACTION: "align", PLAIN_ORDER: True})
+        if reply.has_error():
+            raise RuntimeError(f"holder could not align the initial backbone: {reply.error.reason}")
+        self.state.arrays = reply.content[ARRAYS]
+        self.state.aligned = True
+
+    # ------------------------------------------------------------ rounds
+    def run(self) -> dict:
+        state = self.state
+        if self.checkpoints.restore(state):
+            self.progress(f"resuming {self.variant} after round {state.round}/{self.config.rounds}")
+        self.identify_holders()
+        if not state.aligned:
+            self.align_channel_order()
+        random.setstate(state.sampling.getstate())
+        while state.round < self.config.rounds:
+            state.round += 1
+            started = time.time()
+            row = self._train_round()
+            row.update(self._evaluate_round())
+            row["seconds"] = round(time.time() - started, 3)
+            state.rows.append(row)
+            state.sampling.setstate(random.getstate())
+            self.checkpoints.save(state)
+            self.progress(_progress_line(row, self.config.rounds))
+            if self.stop_after_round == state.round:
+                raise SystemExit(f"stopped after round {state.round} (as asked)")
+        return {"rounds": state.rows, "final": self._final_evaluation()}
+
+    def _train_round(self) -> dict:
+        state = self.state
+        messages = self._with_holder_records(
+            self.strategy.configure_train(state.round, state.arrays, self._config(), self.grid)
+        )
+        replies = self.grid.send_and_receive(messages)
+        ok = [reply for reply in replies if not reply.has_error()]
+        counted = len(ok) >= (self.config.min_holders or 1)
+        if counted:
+            arrays, _ = self.strategy.aggregate_train(state.round, ok)
+            if arrays is not None:
+                state.arrays = ArrayRecord(valid_backbone(arrays.to_torch_state_dict(), self.shared))
+        return {
+            "round": state.round,
+            "train_loss": weighted_mean(ok, "train_loss"),
+            "train_accuracy": weighted_mean(ok, "train-accuracy"),
+            "holders_trained": len(ok),
+            "train_failures": len(replies) - len(ok) + (len(messages) - len(replies)),
+            "counted": counted,
+            "failure_reasons": sorted({reply.error.reason.splitlines()[-1][:200] for reply in replies
+                                       if reply.has_error()}),
+            "per_holder": self._per_holder(ok, TRAIN_METRICS),
+        }
+
+    def _evaluate_round(self, **config) -> dict:
+        state = self.state
+        messages = self._with_holder_records(
+            self.strategy.configure_evaluate(state.round, state.arrays, self._config(**config), self.grid)
+        )
+        replies = self.grid.send_and_receive(messages)
+        ok = [reply for reply in replies if not reply.has_error()]
+        # Holders with no test images (--test-fraction 0, or two images each) reply with 0 examples, and Flower's
+        # aggregation would divide by their total.
+        if weighted_mean(ok, "eval-loss") is not None and config.get(SPLIT) != "global":
+            self.strategy.aggregate_evaluate(state.round, ok)
+        return {
+            "loss": weighted_mean(ok, "eval-loss"),
+            "accuracy": weighted_mean(ok, "eval-accuracy"),
+            "holders_evaluated": len(ok),
+            "evaluate_failures": len(messages) - len(ok),
+            "per_holder_eval": self._per_holder(ok, EVALUATE_METRICS[:2]),
+        }
+
+    def _final_evaluation(self) -> dict:
+        """Every evaluated holder scores the final model on the dataset's official test split, morphed with its
+        own key (the federated rounds use the holders' own test splits)."""
+        result = self._evaluate_round(**{SPLIT: "global"})
+        rows = self.state.rows
+        last = rows[-1] if rows else {}
+        return {
+            "accuracy": result["accuracy"],
+            "loss": result["loss"],
+            "holders": result["holders_evaluated"],
+            "per_holder": result["per_holder_eval"],
+            "federated_accuracy": last.get("accuracy"),
+            "federated_loss": last.get("loss"),
+            "first_round_train_loss": rows[0]["train_loss"] if rows else None,
+            "rounds": len(rows),
+        }
+
+    def _per_holder(self, replies, names) -> dict[str, dict]:
+        table = {}
+        for reply in replies:
+            metrics = reply.content[METRICS]
+            table[str(self.grid.holder_id(reply))] = {name: metrics[name] for name in names if name in metrics}
+        return dict(sorted(table.items(), key=lambda item: int(item[0])))
+
+
+def valid_backbone(state: dict, names) -> dict:
+    """float32 in the shared order. Server-side optimisers (FedAdam, FedYogi, FedAdagrad) and DP noise treat
+    BatchNorm running variances as parameters and can push them below zero, which BatchNorm turns into NaN:
+    a variance is never negative, so clamp it."""
+    valid = {}
+    for name in names:
+        value = state[name].float()
+        if name.endswith("running_var"):
+            value = value.clamp_min(0.0)
+        valid[name] = value
+    return valid
+
+
+def weighted_mean(replies: list[Message], name: str) -> float | None:
+    """The replies' metric `name`, weighted by their num-examples; None without replies or examples."""
+    total = sum(float(reply.content[METRICS]["num-examples"]) for reply in replies)
+    if not replies or total == 0:
+        return None
+    return sum(
+        float(reply.content[METRICS][name]) * float(reply.content[METRICS]["num-examples"]) for reply in replies
+    ) / total
+
+
+def _progress_line(row: dict, rounds: int) -> str:
+    def show(value, pattern):
+        return "-" if value is None else pattern.format(value)
+
+    failures = row["train_failures"] + row["evaluate_failures"]
+    return (
+        f"round {row['round']:>3}/{rounds}  train loss {show(row['train_loss'], '{:.4f}')}  "
+        f"eval loss {show(row['loss'], '{:.4f}')}  accuracy {show(row['accuracy'], '{:.3f}')}  "
+        f"holders {row['holders_trained']} trained / {row['holders_evaluated']} evaluated"
+        f"{f'  failures {failures}' if failures else ''}{'' if row['counted'] else '  (round not counted)'}"
+        f"  {row['seconds']:.1f}s"
+    )

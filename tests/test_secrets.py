@@ -1,0 +1,159 @@
+"""Secrets start at the holder: nothing the server holds determines a holder's key, channel order or local
+randomness, and what a holder is told is only its slice of the settings."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from clients.holder import KEY_FILE, holder_home
+from clients.keys import HolderKey
+from clients.secrets import SECRETS_FILE, HolderSecrets, channel_order, holder_secrets, provision_holders
+from simulation.errors import UsageError
+from simulation.protocol import CONFIG, HOLDER_FIELDS, SETTINGS, HolderSettings
+from simulation.seeds import derive_seed
+
+from .inprocess import run_in_process
+
+HOLDERS = 3
+
+
+def server_view(run_dir: Path, grid) -> dict:
+    """Everything a curious server holds after a run: every message both ways, the run configuration, config.json,
+    the first layer, checkpoints and progress files (but nothing under holders/)."""
+    files = {path.relative_to(run_dir).as_posix(): path for path in run_dir.rglob("*")
+             if path.is_file() and "holders" not in path.relative_to(run_dir).parts}
+    return {"messages": grid.log, "config": json.loads((run_dir / "config.json").read_text()), "files": files}
+
+
+def integers_in(value) -> set[int]:
+    """Every integer the server could try as a seed: numbers anywhere in its JSON and its messages' configs. (A
+    holder seed is a password: one as small as these would fall to a search, which is why the test's is not.)"""
+    if isinstance(value, bool):
+        return set()
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(integers_in(item) for item in value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*(integers_in(item) for item in value)) if value else set()
+    if isinstance(value, str):
+        try:
+            return integers_in(json.loads(value))
+        except ValueError:
+            return set()
+    return set()
+
+
+def seed_candidates(view: dict) -> set[int]:
+    candidates = integers_in(view["config"])
+    for message, reply in view["messages"]:
+        for content in (message.content, None if reply.has_error() else reply.content):
+            if content is not None:
+                for record in content.config_records.values():
+                    candidates |= integers_in(dict(record))
+    return candidates
+
+
+def try_to_recompute(view: dict, holder: int, image_shape, channels: int) -> tuple[set[str], list[list[int]]]:
+    """Every key fingerprint and channel order the server can derive from the seeds it knows, by the experiment's
+    own seed derivation and by the holder-seed derivation."""
+    config = view["config"]
+    fingerprints, orders = set(), []
+    for seed in seed_candidates(view):
+        derived = [derive_seed(seed, "key", holder)]
+        secrets = HolderSecrets.from_holder_seed(seed, holder)
+        derived.append(secrets.seed("key"))
+        for key_seed in derived:
+            key = HolderKey.generate(image_shape, family=config["key_family"], block_size=config["block_size"],
+                                     entries=config["key_entries"], seed=key_seed)
+            fingerprints.add(key.fingerprint)
+        for labels in (("order",), ("order", holder)):
+            generator = torch.Generator().manual_seed(derive_seed(seed, *labels))
+            orders.append(torch.randperm(channels, generator=generator).tolist())
+        orders.append(channel_order(secrets, "holder", channels).tolist())
+        orders.append(channel_order(secrets, "federation", channels).tolist())
+    return fingerprints, orders
+
+
+@pytest.mark.parametrize("shuffle", ["federation", "holder"])
+@pytest.mark.parametrize("holder_seed", [None, 982451653])
+def test_a_curious_server_cannot_recompute_any_holders_key_or_channel_order(tmp_path, shuffle, holder_seed):
+    metrics, grid, run = run_in_process(tmp_path, HOLDERS, rounds=1, holder_seed=holder_seed, shuffle=shuffle)
+    assert all(row["holders_trained"] == HOLDERS for row in metrics["rounds"])  # the holders really trained
+    run_dir = run.settings.run_dir
+    view = server_view(run_dir, grid)
+    assert {"config.json", "first_layer.pt", "mple/checkpoint.pt"} <= set(view["files"])
+    image_shape = run.plan.placement.dataset.image_shape
+    channels = run.plan.model.first.out_channels
+    for holder in range(HOLDERS):
+        home = holder_home(run_dir, holder)
+        actual_key = HolderKey.load(home / KEY_FILE)
+        actual_order = channel_order(HolderSecrets.load(home / SECRETS_FILE), shuffle, channels).tolist()
+        fingerprints, orders = try_to_recompute(view, holder, image_shape, channels)
+        assert actual_key.fingerprint not in fingerprints
+        assert actual_order not in orders
+        assert actual_order != list(range(channels))
+
+
+def test_what_the_server_sends_a_holder_is_its_slice_of_the_settings(tmp_path):
+    _, grid, _ = run_in_process(tmp_path, 2, rounds=1, holder_seed=9, fail_holders=[1], strategy="fedprox",
+                                strategy_args={"proximal_mu": 0.1})
+    for message, _ in grid.log:
+        config = message.content[CONFIG]
+        settings = json.loads(str(config[SETTINGS]))
+        assert set(settings) == set(HOLDER_FIELDS)
+        text = json.dumps({name: value for name, value in dict(config).items()})
+        for leaked in ("holder_seed", "fail_holders", "ray_address", "out", "strategy_args", "run-dir", str(tmp_path)):
+            assert leaked not in text
+
+
+def test_two_runs_with_the_same_server_settings_but_other_holder_secrets_get_other_keys(tmp_path):
+    def fingerprints(name: str, holder_seed):
+        _, _, run = run_in_process(tmp_path / name, 2, rounds=1, holder_seed=holder_seed)
+        return [HolderKey.load(holder_home(run.settings.run_dir, h) / KEY_FILE).fingerprint for h in range(2)]
+
+    fresh_a, fresh_b = fingerprints("fresh-a", None), fingerprints("fresh-b", None)
+    seeded_1, seeded_1_again, seeded_2 = fingerprints("s1", 1), fingerprints("s1-again", 1), fingerprints("s2", 2)
+    assert not set(fresh_a) & set(fresh_b)  # same --seed, no --holder-seed: new keys every run
+    assert seeded_1 == seeded_1_again  # the same holder seed repeats them
+    assert not set(seeded_1) & set(seeded_2)
+    assert len(set(seeded_1)) == 2  # and every holder has its own
+
+
+def test_secrets_files_are_owner_only_json_and_damage_is_one_clear_error(tmp_path):
+    provision = provision_holders(tmp_path / "holders")
+    assert stat.S_IMODE((tmp_path / "holders" / "provision.json").stat().st_mode) == 0o600
+    secrets = provision.secrets_for(tmp_path / "holders" / "holder-0000", 0)
+    path = tmp_path / "holders" / "holder-0000" / SECRETS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert HolderSecrets.load(path) == secrets and secrets.source == "entropy"
+    assert secrets.holder.hex() not in repr(secrets)
+    assert provision_holders(tmp_path / "holders") == provision  # a resumed run hands out the same
+    with pytest.raises(UsageError, match="another holder seed"):
+        provision_holders(tmp_path / "holders", holder_seed=3)
+    path.write_text('{"version": 1, "holder": "00"}')
+    with pytest.raises(UsageError, match="damaged"):
+        holder_secrets(path.parent, 0)
+
+
+def test_a_federation_order_without_a_shared_secret_is_refused():
+    with pytest.raises(UsageError, match="shared by the holders"):
+        channel_order(HolderSecrets.fresh(), "federation", 8)
+
+
+def test_holder_settings_refuse_unexpected_or_invalid_fields():
+    from simulation.config import build_config
+
+    settings = HolderSettings.from_config(build_config({}), "mple")
+    assert HolderSettings.from_json(settings.to_json()) == settings
+    extra = json.loads(settings.to_json()) | {"holder_seed": 1}
+    with pytest.raises(UsageError, match="unexpected fields"):
+        HolderSettings.from_json(json.dumps(extra))
+    bad = json.loads(settings.to_json()) | {"key_family": "scalar"}
+    with pytest.raises(UsageError, match="key-family"):
+        HolderSettings.from_json(json.dumps(bad))
