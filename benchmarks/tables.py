@@ -37,7 +37,7 @@ def suites(data: Path) -> dict[str, list[tuple[str, list[str]]]]:
 def run(label: str, args: list[str], out: Path) -> dict:
     metrics = out / "metrics.json"
     if not metrics.exists():
-        command = [sys.executable, "-m", "simulation.run", *args, "--baseline", "--out", str(out)]
+        command = [sys.executable, "-m", "simulation.run", *args, "--baseline", "--holder-seed", "0", "--out", str(out)]
         print("$", shlex.join(command[1:]), flush=True)
         subprocess.run(command, check=True)
     return json.loads(metrics.read_text())

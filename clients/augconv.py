@@ -24,15 +24,20 @@ is never stored.
 
 from __future__ import annotations
 
+import hmac
+import json
 import math
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clients.keys import HolderKey, MorphingKeyError
+from clients.keys import HolderKey, MorphingKeyError, file_tag
+from simulation.files import atomic_torch_save
 
 # Upper bound on the float64 scratch memory used per step of the construction.
 CONSTRUCTION_CHUNK_BYTES = 256 * 2**20
@@ -136,6 +141,39 @@ class AugConv(nn.Module):
             output_size=geometry.output,
         )
 
+    # ---------------------------------------------------------------- files
+    def save(self, path, *, auth_key: bytes) -> Path:
+        """Write the layer as tensors and plain values (never a pickled object), owner-only, with an authentication
+        tag keyed by the holder's secret."""
+        tensors = {name: buffer.detach().cpu() for name, buffer in self.named_buffers() if buffer is not None}
+        meta = json.dumps(self._meta(), sort_keys=True)
+        tag = file_tag(auth_key, meta.encode(), *(_tensor_bytes(tensors[name]) for name in sorted(tensors)))
+        return atomic_torch_save({"meta": meta, "tensors": tensors, "tag": tag.hex()}, path, private=True)
+
+    @classmethod
+    def load(cls, path, *, auth_key: bytes, device: torch.device | str = "cpu") -> "AugConv | None":
+        """The layer saved by :meth:`save`, or None where the file is unreadable, not one, or fails its tag (the
+        holder then builds it again from its key). Reads tensors only (``weights_only``)."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            tensors, meta = saved["tensors"], saved["meta"]
+            expected = file_tag(auth_key, meta.encode(), *(_tensor_bytes(tensors[name]) for name in sorted(tensors)))
+            if not hmac.compare_digest(bytes.fromhex(saved["tag"]), expected):
+                return None
+            values = json.loads(meta)
+            module = cls(tensors["weight"], tensors["block_index"], tensors.get("bias"),
+                         domain_shape=tuple(values["domain_shape"]), block_size=values["block_size"],
+                         out_channels=values["out_channels"], group_rows=values["group_rows"],
+                         output_size=tuple(values["output_size"]))
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
+            return None
+        return module.to(device)
+
+    def _meta(self) -> dict:
+        return {"domain_shape": list(self.domain_shape), "block_size": self.block_size,
+                "out_channels": self.out_channels, "group_rows": self.group_rows,
+                "output_size": list(self.output_size)}
+
     @property
     def shared(self) -> bool:
         """Whether all row groups share one weight (for ``repeated`` keys, a 1-D convolution over rows)."""
@@ -177,6 +215,10 @@ class AugConv(nn.Module):
             f"domain={self.domain_shape}, out_channels={self.out_channels}, output={self.output_size}, q={self.block_size}, "
             f"{groups} groups of {self.group_rows} rows with {weights}, {self.memory_bytes / 2**20:.2f} MiB"
         )
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return repr((str(tensor.dtype), tuple(tensor.shape))).encode() + tensor.contiguous().numpy().tobytes()
 
 
 def conv_matrix(weight: torch.Tensor, input_shape: tuple[int, int, int], padding=(0, 0)) -> torch.Tensor:

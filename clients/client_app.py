@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from clients.floor import SecurityFloor
 from clients.holder import Holder, HolderCache, conv_fingerprint, holder_folder_name
 from clients.secrets import HolderProvision, holder_secrets
 from simulation.models import SplitModel, build_model, permute_first_layer_channels
@@ -43,6 +44,9 @@ from simulation.protocol import (
 )
 from simulation.training import evaluate, pick_device, train_epochs
 
+FLOOR_NODE_CONFIG = {"key-families", "min-block-size"}
+
+
 class InjectedFailure(RuntimeError):
     """Raised on purpose by holders listed in --fail-holders, to test how rounds survive failures."""
 
@@ -50,11 +54,12 @@ class InjectedFailure(RuntimeError):
 @dataclass(frozen=True)
 class HolderSide:
     """What the launcher tells the holders and nobody else: where their folders are (`holders_root/holder-NNNN`),
-    what their secrets start from (`provision`: the holder seed, or a federation secret), and which holders fail on
-    purpose (a test hook)."""
+    what their secrets start from (`provision`: the holder seed, or a federation secret), the weakest key they accept
+    (`floor`), and which holders fail on purpose (a test hook)."""
 
     holders_root: str | None = None
     provision: HolderProvision | None = None
+    floor: SecurityFloor = SecurityFloor()
     fail_holders: tuple[int, ...] = ()
     fail_stage: str = "train"
 
@@ -136,7 +141,9 @@ class HolderJob:
         else:
             secrets = holder_secrets(home, self.holder_id, holder_seed=node.get("holder-seed"),
                                      federation_secret=str(node.get("federation-secret", "")) or None)
-        return Holder(self.holder_id, self.settings, home, secrets, self.model.first, self.device, own_data=own_data)
+        floor = SecurityFloor.from_node_config(node) if FLOOR_NODE_CONFIG & set(node) else self.side.floor
+        return Holder(self.holder_id, self.settings, home, secrets, self.model.first, self.device, own_data=own_data,
+                      floor=floor)
 
     def _assemble(self, message: Message) -> None:
         """Global entries from the message, holder-local ones from the holder's folder (or their initial values),

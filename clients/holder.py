@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from clients.augconv import AugConv
+from clients.floor import SecurityFloor
 from clients.keys import HolderKey
 from clients.morphing import morph
 from clients.secrets import HolderSecrets, channel_order, draw_key
@@ -58,11 +59,14 @@ def key_padding(mode: str, conv: nn.Conv2d) -> int:
     return int(conv.padding[0])
 
 
-def holder_key(settings: HolderSettings, secrets: HolderSecrets, home: Path, image_shape, padding: int) -> HolderKey:
-    """Load the holder's key from its folder, or draw it from the holder's own secret and save it owner-only."""
+def holder_key(settings: HolderSettings, secrets: HolderSecrets, home: Path, image_shape, padding: int,
+               floor: SecurityFloor) -> HolderKey:
+    """Load the holder's key from its folder, or draw it from the holder's own secret and save it owner-only; either
+    way refuse a key below the holder's own floor, whatever the server asked for."""
+    floor.check_request(settings.key_family, settings.block_size, image_shape, padding)
     path = home / KEY_FILE
     if path.exists():
-        key = HolderKey.load(path, image_shape=image_shape)
+        key = HolderKey.load(path, image_shape=image_shape, auth_key=secrets.file_key)
         expected = (settings.key_family, settings.key_entries, padding)
         if (key.family, key.entries, key.padding) != expected or (
             settings.block_size is not None and key.block_size != settings.block_size
@@ -71,10 +75,12 @@ def holder_key(settings: HolderSettings, secrets: HolderSecrets, home: Path, ima
                 f"holder folder {home} holds a {key.family} key (q={key.block_size}, {key.entries}, padding "
                 f"{key.padding}) that does not match this run's settings; use a new --out folder"
             )
+        floor.check_key(key)
         return key
     key = draw_key(secrets, image_shape, family=settings.key_family, block_size=settings.block_size,
                    entries=settings.key_entries, padding=padding)
-    key.save(path)
+    floor.check_key(key)
+    key.save(path, auth_key=secrets.file_key)
     return key
 
 
@@ -110,6 +116,7 @@ class Holder:
         device: torch.device,
         *,
         own_data: str | None = None,
+        floor: SecurityFloor = SecurityFloor(),
     ):
         self.holder_id = holder_id
         self.settings = settings
@@ -135,7 +142,7 @@ class Holder:
         self.test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
         if self.variant == "mple":
             padding = key_padding(settings.key_padding, first_conv)
-            self.key = holder_key(settings, secrets, self.home, self._dataset.image_shape, padding)
+            self.key = holder_key(settings, secrets, self.home, self._dataset.image_shape, padding, floor)
             self.first = self._augconv(first_conv)
         else:
             self.first = _permuted_frozen(first_conv, self.order).to(device)
@@ -144,11 +151,11 @@ class Holder:
         """Build the AugConv once per first layer and keep it in the holder's folder."""
         path = self.home / f"augconv-{self.first_layer_fingerprint}-{self.key.fingerprint}.pt"
         if path.exists():
-            module = torch.load(path, map_location=self.device, weights_only=False)
-            if isinstance(module, AugConv):
+            module = AugConv.load(path, auth_key=self.secrets.file_key, device=self.device)
+            if module is not None:
                 return module
         module = AugConv.from_conv(conv.cpu(), self.key, self.order)
-        atomic_torch_save(module, path, private=True)
+        module.save(path, auth_key=self.secrets.file_key)
         return module.to(self.device)
 
     @property

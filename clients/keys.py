@@ -17,6 +17,7 @@ key files are written owner-only.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -45,6 +46,7 @@ FLOAT32_ERROR_WARNING = 1e-4
 MAX_REDRAWS = 1000
 LARGE_BLOCK = 512
 _FILE_ENTRIES = {"meta.json", "blocks.npy"}
+_TAG_ENTRY = "tag"
 
 
 class MorphingKeyError(UsageError):
@@ -124,7 +126,7 @@ class HolderKey:
         """Import an explicit ``N x N`` morphing matrix as a ``dense`` key.
 
         This is how users of the MoLe reference code bring their keys:
-        ``HolderKey.from_matrix(torch.load("morphing_matrix.pt"), (3, 32, 32), padding=1)``.
+        ``HolderKey.from_matrix(torch.load("morphing_matrix.pt", weights_only=True), (3, 32, 32), padding=1)``.
         A singular matrix is refused; a badly conditioned one is accepted with a warning that
         states the float32 error to expect, and refused only beyond what float32 can carry.
         """
@@ -278,22 +280,27 @@ class HolderKey:
         return float((recovered - images).abs().max() / images.abs().max())
 
     # ---------------------------------------------------------------- files
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the key to one file, owner-only (mode 0600), atomically."""
+    def save(self, path: str | os.PathLike, *, auth_key: bytes | None = None) -> Path:
+        """Write the key to one file, owner-only (mode 0600), atomically. With ``auth_key`` (a holder's secret
+        file key) the file carries an authentication tag, so that a planted or edited key file is refused."""
         path = Path(path)
-        meta = dict(self._header(), fingerprint=self.fingerprint)
+        meta = json.dumps(dict(self._header(), fingerprint=self.fingerprint), sort_keys=True).encode()
+        array = io.BytesIO()
+        np.save(array, self._blocks, allow_pickle=False)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr("meta.json", json.dumps(meta, sort_keys=True))
-            array = io.BytesIO()
-            np.save(array, self._blocks, allow_pickle=False)
+            archive.writestr("meta.json", meta)
             archive.writestr("blocks.npy", array.getvalue())
+            if auth_key is not None:
+                archive.writestr(_TAG_ENTRY, file_tag(auth_key, meta, array.getvalue()))
         atomic_write_bytes(path, buffer.getvalue(), private=True)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, image_shape: Sequence[int] | None = None) -> "HolderKey":
-        """Read and validate a key file; with ``image_shape``, also check that it fits those images."""
+    def load(cls, path: str | os.PathLike, *, image_shape: Sequence[int] | None = None,
+             auth_key: bytes | None = None) -> "HolderKey":
+        """Read and validate a key file; with ``image_shape``, also check that it fits those images; with
+        ``auth_key``, refuse a file whose authentication tag is missing or wrong (planted or edited)."""
         path = Path(path)
         if not path.is_file():
             raise MorphingKeyError(f"key file {path} does not exist; generate a key or fix the path")
@@ -302,10 +309,12 @@ class HolderKey:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = set(archive.namelist())
-                if names != _FILE_ENTRIES:
+                if names - {_TAG_ENTRY} != _FILE_ENTRIES:
                     raise ValueError(f"entries {sorted(names)} instead of {sorted(_FILE_ENTRIES)}")
-                meta = json.loads(archive.read("meta.json"))
-                blocks = np.load(io.BytesIO(archive.read("blocks.npy")), allow_pickle=False)
+                meta_bytes, block_bytes = archive.read("meta.json"), archive.read("blocks.npy")
+                tag = archive.read(_TAG_ENTRY) if _TAG_ENTRY in names else None
+                meta = json.loads(meta_bytes)
+                blocks = np.load(io.BytesIO(block_bytes), allow_pickle=False)
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
             raise MorphingKeyError(f"key file {path} is truncated or not a key file ({_short(error)}); restore it or generate a new key") from None
         try:
@@ -320,6 +329,11 @@ class HolderKey:
             raise MorphingKeyError(
                 f"key file {path} failed its integrity check (fingerprint {key.fingerprint} does not match the "
                 f"recorded {meta.get('fingerprint')}): it was modified or corrupted; restore it or generate a new key"
+            )
+        if auth_key is not None and (tag is None or not hmac.compare_digest(tag, file_tag(auth_key, meta_bytes, block_bytes))):
+            raise MorphingKeyError(
+                f"key file {path} does not carry this holder's authentication tag: it was planted, edited or made by "
+                "another holder; remove it (the holder then draws its key again from its own secret)"
             )
         if image_shape is not None and tuple(image_shape) != key.image_shape:
             raise MorphingKeyError(
@@ -356,6 +370,15 @@ class HolderKey:
         if count != expected:
             raise MorphingKeyError(f"a {self.family} key with q = {rows} over N = {size} needs {expected} stored blocks, got {count}")
         _check_finite(self._blocks, "key")
+
+
+def file_tag(auth_key: bytes, *parts: bytes) -> bytes:
+    """HMAC-SHA256 over the parts of a file, each length-prefixed (so that no two splits of the bytes agree)."""
+    mac = hmac.new(auth_key, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(8, "little"))
+        mac.update(part)
+    return mac.digest()
 
 
 def check_key_geometry(image_shape: Sequence[int], family: str, block_size: int | None, padding: int) -> int:

@@ -66,6 +66,11 @@ class HolderSecrets:
         others and unpredictable without `holder`."""
         return _derive(self.holder, labels)
 
+    @property
+    def file_key(self) -> bytes:
+        """The key of the authentication tags on the holder's own files (key file, AugConv)."""
+        return hmac.new(self.holder, b"mple/file-authentication", hashlib.sha256).digest()
+
     def federation_seed(self, *labels) -> int:
         if self.federation is None:
             raise UsageError(

@@ -10,7 +10,16 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from simulation.protocol import ARRAYS, HOLDER_ID, HOLDER_INFO, HOLDER_TO_SERVER, SERVER_TO_HOLDER
+from simulation.protocol import (
+    ARRAYS,
+    HOLDER_ID,
+    HOLDER_INFO,
+    HOLDER_TO_SERVER,
+    METRICS,
+    SERVER_TO_HOLDER,
+    ReplySchema,
+    reply_schema,
+)
 
 
 class AuditViolation(RuntimeError):
@@ -18,7 +27,9 @@ class AuditViolation(RuntimeError):
 
 
 class AuditGrid(Grid):
-    """Wraps the real grid: checks each message's records, records each reply per holder and round."""
+    """Wraps the real grid: checks each message's records, and each reply's contents against what the message it
+    answers allows (simulation.protocol.reply_schema): which arrays, with the shapes and dtypes sent; which metric
+    names, as plain numbers; the holder record's one field. It records which node is which holder."""
 
     def __init__(self, grid: Grid, shared_names: Iterable[str]):
         self._grid = grid
@@ -27,6 +38,7 @@ class AuditGrid(Grid):
         self.replies: list[Message] = []
         self.sent = 0
         self.received = 0
+        self._expected: dict[int, tuple[ReplySchema, dict[str, tuple]]] = {}  # by node: what its reply may carry
 
     # -- delegation
     def set_run(self, run) -> None:
@@ -69,25 +81,66 @@ class AuditGrid(Grid):
     def _check_outgoing(self, message: Message) -> None:
         self.sent += 1
         _only(message.content, SERVER_TO_HOLDER, "server-to-holder message")
+        arrays = message.content.get(ARRAYS)
+        shapes = {} if arrays is None else {name: _layout(array) for name, array in arrays.items()}
+        self._expected[message.metadata.dst_node_id] = (reply_schema(message), shapes)
 
     def _check_incoming(self, reply: Message) -> None:
         self.received += 1
+        expected = self._expected.pop(reply.metadata.src_node_id, None)
+        if expected is None:
+            raise AuditViolation(f"node {reply.metadata.src_node_id} replied to no message the server sent it")
         if reply.has_error():
             return
-        _only(reply.content, HOLDER_TO_SERVER, "holder reply")
-        if ARRAYS in reply.content:
-            names = set(reply.content[ARRAYS].keys())
+        schema, sent_shapes = expected
+        content = reply.content
+        _only(content, HOLDER_TO_SERVER, "holder reply")
+        arrays = content.array_records
+        if ARRAYS in arrays:
+            names = set(arrays[ARRAYS].keys())
             if not names <= self.shared_names:
                 raise AuditViolation(
                     f"a holder replied with non-shared entries {sorted(names - self.shared_names)[:5]}; "
                     "holder-local layers must never leave the holder"
                 )
-        holder = reply.content.get(HOLDER_INFO)
+            if not schema.arrays or names != set(sent_shapes):
+                raise AuditViolation(f"a holder replied with arrays {sorted(names)[:5]} where it was sent "
+                                     f"{sorted(sent_shapes)[:5]}; a reply carries back exactly the shared entries sent")
+            for name, array in arrays[ARRAYS].items():
+                if _layout(array) != sent_shapes[name]:
+                    raise AuditViolation(f"a holder replied with {name} of {_layout(array)}, sent as "
+                                         f"{sent_shapes[name]}; a reply never reshapes or retypes what it was sent")
+        elif schema.arrays:
+            raise AuditViolation("a holder's training reply carries no arrays")
+        extra_arrays = set(arrays) - {ARRAYS}
+        if extra_arrays:
+            raise AuditViolation(f"a holder reply carries array records {sorted(extra_arrays)}; only {ARRAYS!r} may")
+        metrics = content.metric_records
+        if set(metrics) - {METRICS} or content.config_records.keys() - {HOLDER_INFO}:
+            raise AuditViolation("a holder reply carries records other than its metrics and holder record")
+        if METRICS in metrics:
+            record = metrics[METRICS]
+            unexpected = set(record.keys()) - set(schema.metrics)
+            if unexpected:
+                raise AuditViolation(f"a holder reply carries metrics {sorted(unexpected)[:5]}; a reply may carry only "
+                                     f"{', '.join(schema.metrics) or 'no metrics'}")
+            for name, value in record.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise AuditViolation(f"a holder reply's metric {name} is {type(value).__name__}, not one number")
+        holder = content.config_records.get(HOLDER_INFO)
         if holder is not None:
+            if set(holder.keys()) != {HOLDER_ID} or isinstance(holder[HOLDER_ID], bool) \
+                    or not isinstance(holder[HOLDER_ID], int):
+                raise AuditViolation(f"a holder record must hold exactly one integer {HOLDER_ID}, got "
+                                     f"{sorted(holder.keys())[:5]}")
             self.holder_of[reply.metadata.src_node_id] = int(holder[HOLDER_ID])
 
     def holder_id(self, reply: Message) -> int | None:
         return self.holder_of.get(reply.metadata.src_node_id)
+
+
+def _layout(array) -> tuple:
+    return (str(array.dtype), tuple(array.shape))
 
 
 def _only(content: RecordDict, allowed: set[str], what: str) -> None:

@@ -29,12 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clients.floor import DEFAULT_MIN_BLOCK_SIZE, SecurityFloor
 from clients.holder import KEY_FILE, holder_home, key_padding
 from clients.keys import ENTRY_DISTRIBUTIONS, FAMILIES, HolderKey
 from clients.secrets import SECRET_BYTES, SECRETS_FILE, SHUFFLE_MODES, HolderSecrets, channel_order, draw_key
 from simulation.config import DP_MODES, KEY_PADDING_MODES, ExperimentConfig, build_config
 from simulation.data import ImageDataset, load_dataset
 from server.first_layer import load_first_layer
+from server.plan import RunPlan
 from simulation.errors import UsageError
 from simulation.files import fresh_folder
 from simulation.models import MODEL_NAMES, SplitModel, build_model
@@ -196,13 +198,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--key-entries", help="uniform (in [0,1)) or integer (1..255)")
     group.add_argument("--key-padding", choices=KEY_PADDING_MODES, help="conv: morph the zero-padded image (MoLe)")
     group.add_argument("--shuffle", choices=SHUFFLE_MODES, help="channel order: federation, holder or none")
-    group.add_argument("--holder-seed", type=int, metavar="N", help="holder-side secret for reproducible keys, "
-                       "channel orders and local randomness; handed to the holders only, never to the server "
-                       "(default: fresh entropy, so every run gets new keys)")
     group.add_argument("--first-layer", help="pretrain, random or file:PATH (default pretrain)")
     group.add_argument("--pretrain-epochs", type=int, help="phase-0 epochs on the public split (default 3)")
     group.add_argument("--baseline", action="store_true", default=None,
                        help="also run the same experiment without morphing (same seeds, data order, initial weights)")
+    group = parser.add_argument_group("the holders' side (handed to the holders only, never to the server)")
+    group.add_argument("--holder-seed", type=int, metavar="N", help="holder-side secret for reproducible keys, "
+                       "channel orders and local randomness (default: fresh entropy, so every run gets new keys); "
+                       "a password: use a large random number where the keys must resist a search")
+    group.add_argument("--holder-key-families", metavar="FAMILY[,FAMILY]", help="the key families the holders "
+                       "accept (default all: dense, blocks, repeated)")
+    group.add_argument("--holder-min-block-size", type=int, metavar="Q", help="the smallest block size q the "
+                       f"holders accept (default {DEFAULT_MIN_BLOCK_SIZE}; q = 1 multiplies an image by a constant)")
     group = parser.add_argument_group("resources and testing")
     group.add_argument("--cpus-per-holder", type=float, help="CPUs Ray reserves per holder (default 1)")
     group.add_argument("--gpus-per-holder", type=float, help="GPUs (fractions allowed) per holder (default 0)")
@@ -213,11 +220,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+HOLDER_SIDE_FLAGS = ("holder_seed", "holder_key_families", "holder_min_block_size")
+
+
+def floor_from_args(args: argparse.Namespace) -> SecurityFloor:
+    """The holders' security floor the launcher hands them."""
+    families = FAMILIES if not args.holder_key_families else tuple(
+        part.strip() for part in args.holder_key_families.split(",") if part.strip())
+    minimum = DEFAULT_MIN_BLOCK_SIZE if args.holder_min_block_size is None else args.holder_min_block_size
+    return SecurityFloor(families, minimum)
+
+
+def check_floor(plan: RunPlan, floor: SecurityFloor) -> None:
+    """What every holder would refuse, refused once before anything starts."""
+    floor.check_request(plan.config.key_family, plan.config.block_size, plan.placement.dataset.image_shape,
+                        key_padding(plan.config.key_padding, plan.model.first))
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     overrides = {
         name: value
         for name, value in vars(args).items()
-        if name not in ("config", "resume", "strategy_arg", "local_layers", "fail_holders", "holder_seed")
+        if name not in ("config", "resume", "strategy_arg", "local_layers", "fail_holders", *HOLDER_SIDE_FLAGS)
     }
     if args.strategy_arg:
         overrides["strategy_args"] = parse_strategy_args(args.strategy_arg)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 
+from clients.floor import SecurityFloor
 from clients.holder import holder_home
 from clients.secrets import provision_holders
 from server.plan import plan_run
@@ -42,7 +43,7 @@ from simulation.files import atomic_write_bytes, atomic_write_text, private_dir
 from simulation.placement import placement_for
 from simulation.protocol import VARIANTS
 from simulation.report import write_report, write_setup
-from simulation.cli import config_from_args
+from simulation.cli import check_floor, config_from_args, floor_from_args
 from simulation.cli import parse_args as experiment_args
 from simulation.run_folder import HOLDERS_FOLDER, METRICS_FILE, prepare_run_dir
 
@@ -151,9 +152,10 @@ class LocalDeployment:
     every process it started. Use as a context manager."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path, *, split_data: bool = False, progress=print,
-                 stream_logs: bool = True, holder_seed: int | None = None):
+                 stream_logs: bool = True, holder_seed: int | None = None, floor: SecurityFloor = SecurityFloor()):
         self.config = config
         self.holder_seed = holder_seed
+        self.floor = floor
         self.run_dir = Path(run_dir).resolve()
         self.split_data = split_data
         self.progress = progress
@@ -225,7 +227,8 @@ class LocalDeployment:
         for holder in range(holders):
             folder = private_dir(self.holder_dir(holder))
             provision.secrets_for(folder, holder)
-            node_config = f'partition-id={holder} num-partitions={holders} holder-dir="{folder}"'
+            node_config = (f'partition-id={holder} num-partitions={holders} holder-dir="{folder}" '
+                           f'key-families="{",".join(self.floor.families)}" min-block-size={self.floor.min_block_size}')
             if self.split_data:
                 data = atomic_write_bytes(folder / HOLDER_DATA_FILE, holder_data_npz(self.config, holder),
                                           private=True)
@@ -373,7 +376,7 @@ def main(argv=None) -> int:
             raise UsageError("--fail-holders is a test hook of python -m simulation.run; under the Deployment "
                              "Engine stop a SuperNode instead")
         config = config_from_args(args)
-        plan_run(config)
+        check_floor(plan_run(config), floor_from_args(args))
         run_dir = prepare_run_dir(config, Path(args.out) if args.out else None).resolve()
         print(f"run folder: {run_dir}", flush=True)
         write_setup(config, run_dir)
@@ -381,7 +384,8 @@ def main(argv=None) -> int:
         with _stopped_by_sigterm(), LocalDeployment(config, run_dir, split_data=own.split_data,
                                                    progress=lambda line: print(line, flush=True),
                                                    stream_logs=not own.quiet,
-                                                   holder_seed=args.holder_seed) as deployment:
+                                                   holder_seed=args.holder_seed,
+                                                   floor=floor_from_args(args)) as deployment:
             for variant in VARIANTS if config.baseline else VARIANTS[:1]:
                 print(f"== {variant}: {config.holders} holders, {config.rounds} rounds, {config.dataset}, "
                       f"{config.model}", flush=True)

@@ -45,6 +45,26 @@ HOLDER_ID = "holder-id"
 
 
 @dataclass(frozen=True)
+class ReplySchema:
+    """What a holder's reply to one kind of message may carry: the shared arrays it was sent (or none), and
+    metrics of these names only, each one number."""
+
+    arrays: bool
+    metrics: tuple[str, ...]
+
+
+def reply_schema(message) -> ReplySchema:
+    """The schema of the reply to `message` (a train, evaluate or query message of the server)."""
+    kind = str(message.metadata.message_type).split(".")[0]
+    if kind == "train":
+        return ReplySchema(True, TRAIN_METRICS)
+    if kind == "evaluate":
+        return ReplySchema(False, EVALUATE_METRICS)
+    action = str(message.content[CONFIG].get(ACTION, "")) if CONFIG in message.content else ""
+    return ReplySchema(action == "align", ())
+
+
+@dataclass(frozen=True)
 class HolderSettings:
     """What a holder needs to know of the experiment: where its data is in the placement, the model, the key
     family it is asked for (it checks that against its own floor), how to train, and its resources."""

@@ -16,10 +16,11 @@ from pathlib import Path
 from flwr.simulation import run_simulation
 
 from clients.client_app import HolderSide, build_client_app
+from clients.floor import SecurityFloor
 from clients.secrets import provision_holders
 from server.plan import plan_run
 from server.server_app import ServerSettings, build_server_app
-from simulation.cli import config_from_args, parse_args
+from simulation.cli import check_floor, config_from_args, floor_from_args, parse_args
 from simulation.config import ExperimentConfig
 from simulation.errors import UsageError
 from simulation.protocol import VARIANTS
@@ -54,12 +55,13 @@ def backend_config(config: ExperimentConfig) -> dict:
     }
 
 
-def holder_side(config: ExperimentConfig, run_dir: Path, holder_seed: int | None) -> HolderSide:
+def holder_side(config: ExperimentConfig, run_dir: Path, holder_seed: int | None,
+                floor: SecurityFloor = SecurityFloor()) -> HolderSide:
     """The launcher's part on the holders' side: their folders under the run folder, what their secrets start from
-    (kept owner-only in holders/, so that a resumed run hands out the same), and the failure test hook. It goes to
-    the holders' processes inside the ClientApp, never to the ServerApp."""
+    (kept owner-only in holders/, so that a resumed run hands out the same), their security floor, and the failure
+    test hook. It goes to the holders' processes inside the ClientApp, never to the ServerApp."""
     root = run_dir / HOLDERS_FOLDER
-    return HolderSide(holders_root=str(root.resolve()), provision=provision_holders(root, holder_seed),
+    return HolderSide(holders_root=str(root.resolve()), provision=provision_holders(root, holder_seed), floor=floor,
                       fail_holders=tuple(config.fail_holders), fail_stage=config.fail_stage)
 
 
@@ -84,10 +86,10 @@ def run_variant(config: ExperimentConfig, run_dir: Path, variant: str, side: Hol
     return settings.result
 
 
-def run_experiment(config: ExperimentConfig, run_dir: Path, *, holder_seed: int | None = None, progress=print,
-                   stop_after_round=None) -> dict:
+def run_experiment(config: ExperimentConfig, run_dir: Path, *, holder_seed: int | None = None,
+                   floor: SecurityFloor = SecurityFloor(), progress=print, stop_after_round=None) -> dict:
     write_setup(config, run_dir)
-    side = holder_side(config, run_dir, holder_seed)
+    side = holder_side(config, run_dir, holder_seed, floor)
     results = {}
     for variant in VARIANTS if config.baseline else VARIANTS[:1]:
         finished = run_dir / variant / METRICS_FILE
@@ -103,6 +105,7 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, holder_seed: int 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        floor = floor_from_args(args)
         if args.resume:
             run_dir = Path(args.resume).expanduser()
             if not (run_dir / RUN_MARKER).is_file():
@@ -114,11 +117,11 @@ def main(argv=None) -> int:
                                  "folder of an earlier run") from None
         else:
             config = config_from_args(args)
-            plan_run(config)
+            check_floor(plan_run(config), floor)
             run_dir = prepare_run_dir(config, Path(args.out) if args.out else None)
         config = replace(config, out=str(run_dir))
         print(f"run folder: {run_dir}", flush=True)
-        summary = run_experiment(config, run_dir, holder_seed=args.holder_seed,
+        summary = run_experiment(config, run_dir, holder_seed=args.holder_seed, floor=floor,
                                  progress=lambda line: print(line, flush=True))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

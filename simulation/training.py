@@ -22,8 +22,8 @@ def train_epochs(
     proximal_mu: float = 0.0,
     anchor: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[float, float, int]:
-    """Train `backbone` (and `first`, if it has trainable parameters) with SGD; returns (mean loss, accuracy,
-    examples seen in the last epoch). With `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 over the
+    """Train `backbone` (and `first`, if it has trainable parameters) with SGD; returns the last epoch's (mean loss,
+    accuracy, examples), so that with several local epochs the loss is the one the holder ends the round on. With `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 over the
     `anchor` parameters (the received global ones)."""
     parameters = [p for p in (*first.parameters(), *backbone.parameters()) if p.requires_grad]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)

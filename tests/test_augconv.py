@@ -247,3 +247,21 @@ def test_augconv_refuses_input_that_is_not_morphed_for_it(shape):
     with pytest.raises(MorphingKeyError, match=r"expects morphed images of shape \(B, 3, 8, 8\)") as excinfo:
         aug(torch.zeros(shape))
     assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 40], ids=["part-of-a-block", "parts-of-blocks", "several-blocks"])
+@pytest.mark.parametrize("family, shape, q", [("dense", (3, 6, 6), None), ("blocks", (1, 8, 8), 16),
+                                              ("repeated", (3, 6, 6), 12)])
+def test_augconv_built_in_small_chunks_is_exact(monkeypatch, chunk_rows, family, shape, q):
+    """The construction runs in chunks of rows of C^ac when it would not fit CONSTRUCTION_CHUNK_BYTES (a dense key
+    on 3x32x32 images does); every chunk must land, so build tiny cases in chunks of 1, 3 or 40 rows."""
+    import clients.augconv as augconv_module
+
+    key = make_key(family, shape, 0, q, seed=5)
+    conv, order = make_conv(shape[0], 0, CONVS[0])
+    kernel = conv.kernel_size[0]
+    rows = conv.out_channels * (key.block_size // shape[2] + kernel + 2) * shape[2]  # an upper bound of one row's response
+    monkeypatch.setattr(augconv_module, "CONSTRUCTION_CHUNK_BYTES", chunk_rows * rows * 8)
+    x = images(4, shape)
+    chunked = AugConv.from_conv(conv, key, order, dtype=torch.float64)
+    assert relative_error(chunked(morph(x, key)), reference(conv, x, order)) < 1e-9

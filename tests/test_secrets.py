@@ -7,6 +7,7 @@ import json
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +158,105 @@ def test_holder_settings_refuse_unexpected_or_invalid_fields():
     bad = json.loads(settings.to_json()) | {"key_family": "scalar"}
     with pytest.raises(UsageError, match="key-family"):
         HolderSettings.from_json(json.dumps(bad))
+
+
+# ------------------------------------------------------------------------------------------ a holder trusts nothing
+def holder_parts(tmp_path, **overrides):
+    from clients.holder import Holder
+    from server.first_layer import initial_model
+    from simulation.config import build_config
+    from simulation.placement import placement_for
+
+    config = build_config({"holders": 2, **overrides})
+    model = initial_model(config, placement_for(config))
+    settings = HolderSettings.from_config(config, "mple")
+    home = tmp_path / "holder-0000"
+    secrets = holder_secrets(home, 0, holder_seed=982451653)
+
+    def open_holder(**kwargs):
+        return Holder(0, settings, home, secrets, model.first, torch.device("cpu"), **kwargs)
+
+    return home, secrets, open_holder
+
+
+def test_a_planted_or_edited_key_file_is_refused(tmp_path):
+    import io
+    import zipfile
+
+    home, secrets, open_holder = holder_parts(tmp_path)
+    planted = HolderKey.generate((1, 8, 8), family="repeated", seed=1)  # a key the attacker knows
+    planted.save(home / KEY_FILE)
+    with pytest.raises(UsageError, match="authentication tag"):
+        open_holder()
+    planted.save(home / KEY_FILE, auth_key=HolderSecrets.fresh().file_key)  # tagged, by another secret
+    with pytest.raises(UsageError, match="authentication tag"):
+        open_holder()
+    (home / KEY_FILE).unlink()
+    honest = open_holder().key
+    with zipfile.ZipFile(home / KEY_FILE) as archive:  # edit the blocks, keep the tag and fingerprint entries
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    blocks = np.load(io.BytesIO(entries["blocks.npy"]))
+    blocks[0, 0, 0] += 1.0
+    buffer = io.BytesIO()
+    np.save(buffer, blocks)
+    meta = json.loads(entries["meta.json"])
+    meta["fingerprint"] = HolderKey("repeated", blocks, honest.image_shape, 0, honest.entries).fingerprint
+    entries.update({"blocks.npy": buffer.getvalue(), "meta.json": json.dumps(meta, sort_keys=True).encode()})
+    with zipfile.ZipFile(home / KEY_FILE, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    with pytest.raises(UsageError, match="authentication tag"):
+        open_holder()
+
+
+class _Planted:
+    """Unpickling this runs code: it writes a marker file."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_a_holder_never_unpickles_a_planted_augconv_file(tmp_path):
+    import pickle
+
+    home, secrets, open_holder = holder_parts(tmp_path)
+    holder = open_holder()
+    (augconv_file,) = home.glob("augconv-*.pt")
+    _Planted.marker = str(tmp_path / "marker")
+    augconv_file.write_bytes(pickle.dumps(_Planted()))
+    reopened = open_holder()
+    assert not (tmp_path / "marker").exists()
+    assert torch.equal(reopened.first.weight, holder.first.weight)  # rebuilt from the key, and saved again
+    assert torch.load(augconv_file, weights_only=True)["tag"]
+
+
+def test_a_holder_refuses_keys_below_its_own_floor(tmp_path):
+    from clients.floor import SecurityFloor
+
+    _, _, open_holder = holder_parts(tmp_path / "a", block_size=1)
+    with pytest.raises(UsageError, match="floor refuses a repeated key with q = 1"):
+        open_holder()
+    _, _, open_holder = holder_parts(tmp_path / "b", key_family="dense")
+    with pytest.raises(UsageError, match="floor refuses a dense key"):
+        open_holder(floor=SecurityFloor(("blocks", "repeated")))
+    permutation = HolderKey.from_matrix(torch.eye(64)[torch.randperm(64)] * 3.0, (1, 8, 8))
+    with pytest.raises(UsageError, match="scaled permutations"):
+        SecurityFloor().check_key(permutation)
+
+
+def test_holders_refuse_a_weak_key_the_server_asks_for_and_the_round_counts_them_failed(tmp_path):
+    metrics, _, _ = run_in_process(tmp_path, 2, rounds=1, shuffle="holder", block_size=2,
+                                   holder_floor=(("repeated",), 4))
+    (row,) = metrics["rounds"]
+    assert (row["holders_trained"], row["train_failures"]) == (0, 2)
+    assert any("floor refuses a repeated key with q = 2" in reason for reason in row["failure_reasons"])
+
+
+def test_checkpoints_are_owner_only_and_hold_no_pickled_object(tmp_path):
+    _, _, run = run_in_process(tmp_path, 2, rounds=1, strategy="fedadam")
+    checkpoint = run.settings.run_dir / "mple" / "checkpoint.pt"
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o600
+    saved = torch.load(checkpoint, weights_only=True)  # tensors, numbers and strings only
+    assert "strategy" not in saved and {"m_t", "v_t"} <= {key.split("/")[0] for key in saved["strategy_tensors"]}

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from clients.augconv import AugConv
 from clients.holder import KEY_FILE, holder_home
 from clients.keys import HolderKey
+from clients.secrets import SECRETS_FILE, HolderSecrets
 from server.audit import AuditGrid, AuditViolation
 from simulation.config import build_config
 from simulation.run import main
@@ -58,14 +60,16 @@ def test_holder_local_layers_never_reach_the_server(tmp_path):
 
 
 def test_no_message_carries_a_key_or_an_augconv(tmp_path):
-    _, grid, federation = run_in_process(tmp_path)
+    metrics, grid, federation = run_in_process(tmp_path)
+    assert all(row["holders_trained"] == 3 and row["train_failures"] == 0 for row in metrics["rounds"])
     secrets = []
     for holder in range(3):
         home = holder_home(federation.settings.run_dir, holder)
         key = HolderKey.load(home / KEY_FILE)
         secrets += [key.blocks(dtype=torch.float32), key.blocks(dtype=torch.float32, inverse=True)]
         (augconv_file,) = home.glob("augconv-*.pt")
-        secrets.append(torch.load(augconv_file, weights_only=False).weight)
+        holder_secrets = HolderSecrets.load(home / SECRETS_FILE)
+        secrets.append(AugConv.load(augconv_file, auth_key=holder_secrets.file_key).weight)
         assert stat.S_IMODE((home / KEY_FILE).stat().st_mode) == 0o600
         assert stat.S_IMODE(augconv_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(home.stat().st_mode) == 0o700
@@ -83,17 +87,62 @@ def test_no_message_carries_a_key_or_an_augconv(tmp_path):
                 assert all(not isinstance(value, bytes) for value in record.values())
 
 
-def test_audit_refuses_a_reply_with_a_local_entry():
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+def planted_replies():
+    """A training message of two shared entries, and replies that smuggle a key's 64 entries out in every place a
+    reply has: a local entry, an extra array, inside the arrays sent, in the metrics, in the holder record."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    audit = AuditGrid(InProcessGrid(1), shared_names={"a"})
-    message = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1000, message_type=MessageType.QUERY)
+    InProcessGrid(1)  # sets the task identity that messages need outside a Flower runtime
+    key = torch.rand(64)
+    sent = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
+    message = Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"lr": 0.1})}),
+                      dst_node_id=1000, message_type=MessageType.TRAIN)
     message.metadata.__dict__["_message_id"] = "x"
-    reply = Message(RecordDict({"arrays": ArrayRecord({"b": torch.zeros(1)})}), reply_to=message)
-    with pytest.raises(AuditViolation, match="non-shared"):
-        audit._check_incoming(reply)
+    metrics = {"num-examples": 3, "train_loss": 0.5, "train-accuracy": 0.5, "val-accuracy": 0.5}
+
+    def reply(arrays=sent, metric_values=metrics, holder={"holder-id": 0}, extra=None):
+        content = RecordDict({"arrays": ArrayRecord(dict(arrays)), "metrics": MetricRecord(metric_values),
+                              "holder": ConfigRecord(holder)})
+        for name, record in (extra or {}).items():
+            content[name] = record
+        return Message(content, reply_to=message)
+
+    return message, {
+        "local entry": (reply(arrays={**sent, "features.1.weight": key}), "non-shared"),
+        "key in place of a shared entry": (reply(arrays={"a": key, "b": sent["b"]}), "reshapes"),
+        "extra array record": (reply(extra={"keys": ArrayRecord({"a": key})}), "may not cross"),
+        "key in the metrics": (reply(metric_values={**metrics, **{f"k{i}": float(v) for i, v in enumerate(key)}}),
+                               "carries metrics"),
+        "key as a metric list": (reply(metric_values={**metrics, "train_loss": key.tolist()}), "not one number"),
+        "key in the holder record": (reply(holder={"holder-id": 0, "key": key.tolist()}), "exactly one integer"),
+        "honest": (reply(), None),
+    }
+
+
+@pytest.mark.parametrize("case", ["local entry", "key in place of a shared entry", "extra array record",
+                                  "key in the metrics", "key as a metric list", "key in the holder record", "honest"])
+def test_audit_checks_what_a_reply_carries_not_only_its_record_names(case):
+    message, replies = planted_replies()
+    planted, refusal = replies[case]
+    audit = AuditGrid(InProcessGrid(1), shared_names={"a", "b"})
+    audit._check_outgoing(message)
+    if refusal is None:
+        audit._check_incoming(planted)
+        assert audit.holder_of == {1000: 0}
+    else:
+        with pytest.raises(AuditViolation, match=refusal):
+            audit._check_incoming(planted)
+
+
+def test_audit_refuses_records_a_message_may_not_carry_and_replies_to_nothing():
+    from flwr.app import ArrayRecord, Message, RecordDict
+
+    message, replies = planted_replies()
+    audit = AuditGrid(InProcessGrid(1), shared_names={"a", "b"})
     with pytest.raises(AuditViolation, match="may not cross"):
         audit._check_outgoing(Message(RecordDict({"key": ArrayRecord()}), dst_node_id=1, message_type="query"))
+    with pytest.raises(AuditViolation, match="no message"):
+        audit._check_incoming(replies["honest"][0])
 
 
 def test_fedprox_holders_apply_the_proximal_term(tmp_path):
@@ -238,6 +287,7 @@ def test_each_holder_builds_its_key_and_augconv_once(tmp_path, monkeypatch):
     monkeypatch.setattr(Key, "generate", classmethod(counting_generate))
     metrics, grid, _ = run_in_process(tmp_path, rounds=3)
     assert sum(message.metadata.message_type == "train" for message, _ in grid.log) == 9
+    assert all(row["holders_trained"] == 3 and row["train_failures"] == 0 for row in metrics["rounds"])
     assert built == {"augconv": 3, "key": 3}
 
 
@@ -246,3 +296,24 @@ def test_gpus_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert main(["--gpus-per-holder", "0.5", "--out", str(tmp_path / "run")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_round_metrics_are_weighted_by_each_holders_examples():
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from server.rounds import weighted_mean
+
+    InProcessGrid(1)
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "train_loss": loss})}), dst_node_id=1,
+                       message_type="train") for n, loss in ((1, 1.0), (3, 3.0))]
+    assert weighted_mean(replies, "train_loss") == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)  # not (1 + 3) / 2
+    assert weighted_mean([], "train_loss") is None
+
+
+def test_server_side_updates_never_leave_a_negative_batchnorm_variance():
+    from server.rounds import valid_backbone
+
+    state = {"bn.running_var": torch.tensor([-0.5, 0.2], dtype=torch.float64), "bn.weight": torch.tensor([-0.5, 1.0])}
+    valid = valid_backbone(state, ["bn.running_var", "bn.weight"])
+    assert valid["bn.running_var"].tolist() == [0.0, pytest.approx(0.2)] and valid["bn.running_var"].dtype == torch.float32
+    assert valid["bn.weight"].tolist() == [-0.5, 1.0]  # only variances are clamped
