@@ -217,6 +217,39 @@ class AugConv(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class _KeyShape:
+    """What the layout of C^ac depends on: a key's family and geometry, never its values."""
+
+    family: str
+    block_size: int
+    domain_shape: tuple[int, int, int]
+    padding: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.domain_shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.size // self.block_size
+
+    def block_for(self, index: int) -> int:
+        return index if self.family == "blocks" else 0
+
+
+def augconv_bytes(conv: nn.Conv2d, domain_shape, family: str, block_size: int, padding: int) -> int:
+    """The float32 weight AugConv would hold for a key of this family and geometry, without drawing a key (a dense
+    key's is N x beta*n^2; the others' come from the block layout)."""
+    shape = _KeyShape(family, block_size, tuple(domain_shape), padding)
+    geometry = _geometry(conv, shape)
+    if family == "dense":
+        return shape.size * geometry.out_channels * math.prod(geometry.output) * 4
+    layout = _layout(shape, geometry)
+    slots = layout.block_index.shape[1]
+    return layout.weight_groups * slots * block_size * geometry.out_channels * layout.group_rows * geometry.output[1] * 4
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return repr((str(tensor.dtype), tuple(tensor.shape))).encode() + tensor.contiguous().numpy().tobytes()
 

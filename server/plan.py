@@ -6,11 +6,14 @@ and the ServerApp builds its run from the same plan, so a bad setting gets the s
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord
 
+from clients.augconv import augconv_bytes
 from clients.holder import key_padding
 from clients.keys import check_key_geometry
 from server.first_layer import initial_model, load_first_layer
@@ -27,6 +30,7 @@ class RunPlan:
     placement: DataPlacement
     model: SplitModel  # the initial model; phase 0 forms its first layer
     shared: list[str]  # the backbone entries that travel
+    block_size: int  # q, resolved (the image width when the settings leave it out)
 
     @property
     def initial_local(self) -> ArrayRecord:
@@ -50,12 +54,45 @@ def plan_run(config: ExperimentConfig) -> RunPlan:
     kind, _, path = config.first_layer.partition(":")
     if kind == "file":
         load_first_layer(path, model)  # reads the file now, not inside the run
-    # The checks HolderKey.generate makes in every holder, without drawing a key.
-    check_key_geometry(placement.dataset.image_shape, config.key_family, config.block_size,
-                       key_padding(config.key_padding, model.first))
+    # The checks HolderKey.generate makes in every holder, without drawing a key, and what the keys will cost.
+    padding = key_padding(config.key_padding, model.first)
+    check_memory(config, placement.dataset.image_shape, model, padding)
+    block_size = check_key_geometry(placement.dataset.image_shape, config.key_family, config.block_size, padding)
     shared = shared_backbone_names(model, config)
     make_strategy(config)
-    return RunPlan(config, placement, model, shared)
+    return RunPlan(config, placement, model, shared, block_size)
+
+
+def check_memory(config: ExperimentConfig, image_shape, model: SplitModel, padding: int,
+                 memory_bytes: int | None = None) -> int:
+    """Refuse, with the estimate and the fix, keys and AugConvs that would not fit in this machine's memory: one
+    holder's (its key and inverse in float64, its AugConv in float32), and all the holders the Ray workers here keep
+    in memory at once (--holder-cache per worker). Returns one holder's estimate in bytes."""
+    q = check_key_geometry(image_shape, config.key_family, config.block_size, padding)
+    channels, height, width = image_shape
+    domain = (channels, height + 2 * padding, width + 2 * padding)
+    size = math.prod(domain)
+    key_entries = {"dense": size * size, "blocks": size * q, "repeated": q * q}[config.key_family]
+    per_holder = 2 * 8 * key_entries + augconv_bytes(model.first, domain, config.key_family, q, padding)
+    memory = physical_memory() if memory_bytes is None else memory_bytes
+    what = (f"a {config.key_family} key with q = {q} on {channels}x{height}x{width} images needs "
+            f"{per_holder / 2**30:.2f} GiB per holder (key, inverse and AugConv)")
+    if per_holder > memory / 2:
+        raise UsageError(f"{what}, more than half of this machine's {memory / 2**30:.1f} GiB; use --key-family "
+                         "blocks or repeated, a smaller --block-size, or a smaller --image-size")
+    if not config.ray_address:
+        workers = max(1, int((os.cpu_count() or 1) // config.cpus_per_holder))
+        resident = min(config.holders, workers * config.holder_cache)
+        if resident * per_holder > 0.8 * memory:
+            fits = max(1, int(0.8 * memory // per_holder) // workers)
+            raise UsageError(f"{what}, and {workers} Ray workers keeping up to {config.holder_cache} holders each "
+                             f"would hold {resident * per_holder / 2**30:.1f} GiB of this machine's "
+                             f"{memory / 2**30:.1f} GiB; lower --holder-cache to {fits} or use a lighter key")
+    return per_holder
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def shared_backbone_names(model: SplitModel, config: ExperimentConfig) -> list[str]:

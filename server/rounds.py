@@ -32,9 +32,6 @@ from simulation.protocol import (
 )
 from simulation.seeds import derive_seed
 
-CONNECT_TIMEOUT_S = 600
-
-
 class RoundLoop:
     """One variant's rounds: sends the holders their work through the audited grid, aggregates with the strategy,
     checkpoints every round, and returns the variant's rounds and final evaluation."""
@@ -82,20 +79,26 @@ class RoundLoop:
         return self.grid.send_and_receive(messages)
 
     def identify_holders(self) -> None:
+        """Wait (at most --connect-timeout) until every holder's node is connected, then learn which node is which
+        holder; a federation that stays short is one clear error naming the missing holders."""
         nodes = list(self.grid.get_node_ids())
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S
-        while len(nodes) < self.config.holders:
-            if time.monotonic() > deadline:
-                raise UsageError(
-                    f"only {len(nodes)} of {self.config.holders} holders connected within {CONNECT_TIMEOUT_S} s; "
-                    "start one SuperNode per holder or lower --holders"
-                )
+        deadline = time.monotonic() + self.config.connect_timeout
+        while len(nodes) < self.config.holders and time.monotonic() < deadline:
             time.sleep(1)
             nodes = list(self.grid.get_node_ids())
         replies = self._query(nodes, **{ACTION: "identify"})
         failed = [reply for reply in replies if reply.has_error()]
         if failed:
             raise RuntimeError(f"{len(failed)} holder(s) could not identify themselves: {failed[0].error.reason}")
+        if len(nodes) < self.config.holders:
+            present = {self.grid.holder_id(reply) for reply in replies}
+            missing = [holder for holder in range(self.config.holders) if holder not in present]
+            raise UsageError(
+                f"only {len(nodes)} of {self.config.holders} holders connected within {self.config.connect_timeout:.0f}"
+                f" s; missing holder(s) {_listing(missing)}: start one SuperNode per holder (node config "
+                f"partition-id={missing[0]} ...), or run with holders={len(nodes)} (flwr run . --run-config "
+                f"\"holders={len(nodes)}\", or --holders {len(nodes)})"
+            )
 
     def align_channel_order(self) -> None:
         """With one federation-wide channel order, the initial backbone must be brought into that order once; a
@@ -135,7 +138,7 @@ class RoundLoop:
         messages = self._with_holder_records(
             self.strategy.configure_train(state.round, state.arrays, self._config(), self.grid)
         )
-        replies = self.grid.send_and_receive(messages)
+        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
         ok = [reply for reply in replies if not reply.has_error()]
         counted = len(ok) >= (self.config.min_holders or 1)
         if counted:
@@ -159,7 +162,7 @@ class RoundLoop:
         messages = self._with_holder_records(
             self.strategy.configure_evaluate(state.round, state.arrays, self._config(**config), self.grid)
         )
-        replies = self.grid.send_and_receive(messages)
+        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
         ok = [reply for reply in replies if not reply.has_error()]
         # Holders with no test images (--test-fraction 0, or two images each) reply with 0 examples, and Flower's
         # aggregation would divide by their total.
@@ -219,6 +222,11 @@ def weighted_mean(replies: list[Message], name: str) -> float | None:
     return sum(
         float(reply.content[METRICS][name]) * float(reply.content[METRICS]["num-examples"]) for reply in replies
     ) / total
+
+
+def _listing(ids: list[int], limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def _progress_line(row: dict, rounds: int) -> str:

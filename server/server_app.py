@@ -109,4 +109,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    VariantRun(grid, settings_from_run_config(context)).run()
+    settings = settings_from_run_config(context)
+    metrics = VariantRun(grid, settings).run()
+    final = metrics["final"]
+    accuracy = "-" if final["accuracy"] is None else f"{final['accuracy']:.4f}"
+    settings.progress(f"final test accuracy (official test split, mean over holders) {accuracy}; "
+                      f"results: {settings.run_dir / settings.variant}")

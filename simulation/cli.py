@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,18 @@ def new_output_folder(path: Path, results: Sequence[str]) -> Path:
     return fresh_folder(path, results=tuple(results), create=False)
 
 
+def output_folder(out: Path | None, command: str, results: Sequence[str]) -> Path:
+    """One rule for every command: without --out, a new folder per run (results/COMMAND/TIME); with --out, a folder
+    that holds none of the command's results yet. Earlier results are never overwritten."""
+    if out is not None:
+        return new_output_folder(out, results)
+    base = Path("results") / command / time.strftime("%Y%m%d-%H%M%S")
+    candidate, number = base, 2
+    while candidate.exists():
+        candidate, number = base.with_name(f"{base.name}-{number}"), number + 1
+    return candidate
+
+
 # ------------------------------------------------------------------------------------------ argument types
 def parse_counts(text: str) -> list[int]:
     """A comma-separated list of positive integers, e.g. ``1,2,4,8``."""
@@ -108,8 +121,8 @@ def attack_parser(name: str, description: str, *, holder_help: str) -> argparse.
     parser = argparse.ArgumentParser(prog=f"python -m server.attacks.{name}", description=description)
     add_setup_arguments(parser)
     parser.add_argument("--holder", type=holder_index, default=0, help=f"{holder_help} (default 0)")
-    parser.add_argument("--out", type=Path, default=Path(f"results/attacks/{name}"),
-                        help=f"output folder for {name}.json and its figure (default results/attacks/{name})")
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder for {name}.json and its figure, which "
+                        f"must not hold them yet (default: a new results/{name}/<time> folder)")
     return parser
 
 
@@ -155,13 +168,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m simulation.run",
         description="Federated Metamorphosed Learning: each holder morphs its images with its own secret key and "
         "trains the shared backbone through its own augmented convolution. Flags override --config.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=None,
     )
     add = parser.add_argument
     add("--config", metavar="FILE", help="TOML preset (see configs/); flags override it")
     add("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint (other flags ignored)")
-    add("--out", metavar="DIR", help="run folder to create (must not exist or be empty); default runs/<time>-<dataset>")
+    add("--out", metavar="DIR", help="run folder to create (must not exist or be empty); default "
+        "runs/<time>-<dataset>-<model>-<key family>")
     group = parser.add_argument_group("federation")
     group.add_argument("--holders", type=int, help="number of data holders (default 10)")
     group.add_argument("--rounds", type=int, help="federated rounds (default 5)")
@@ -214,6 +227,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--cpus-per-holder", type=float, help="CPUs Ray reserves per holder (default 1)")
     group.add_argument("--gpus-per-holder", type=float, help="GPUs (fractions allowed) per holder (default 0)")
     group.add_argument("--ray-address", help="join an existing Ray cluster (ADDRESS or auto)")
+    group.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="how long the server waits for all "
+                       "holders to connect before it names the missing ones and stops (default 120)")
+    group.add_argument("--round-timeout", type=float, metavar="SECONDS", help="how long a round waits for replies; "
+                       "holders that have not replied by then count as failed (default: wait for all)")
     group.add_argument("--holder-cache", type=int, help="holders kept in memory per worker (default 16)")
     group.add_argument("--fail-holders", metavar="ID[,ID]", help="make these holders fail, to test failure handling")
     group.add_argument("--fail-stage", choices=("train", "evaluate"), help="where injected failures happen")

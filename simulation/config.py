@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class ExperimentConfig:
     cpus_per_holder: float = 1.0
     gpus_per_holder: float = 0.0
     ray_address: str | None = None
+    connect_timeout: float = 120.0
+    round_timeout: float | None = None
     holder_cache: int = 16
     seed: int = 0
     baseline: bool = False
@@ -70,6 +73,9 @@ class ExperimentConfig:
         check_number_in("fraction-train", self.fraction_train, 0.0, 1.0, lower_open=True)
         check_number_in("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
         check_choice("fail-stage", self.fail_stage, ("train", "evaluate"))
+        check_positive_number("connect-timeout", self.connect_timeout)
+        if self.round_timeout is not None:
+            check_positive_number("round-timeout", self.round_timeout)
         if self.min_holders is not None:
             check_positive_int("min-holders", self.min_holders)
             if self.min_holders > self.holders:
@@ -167,7 +173,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in FIELD_NAMES:
-            raise UsageError(f"config file {path}: unknown setting {key!r}; run with --help to see the settings")
+            close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+            hint = f"did you mean {close[0].replace('_', '-')!r}? " if close else ""
+            valid = ", ".join(sorted(field.replace("_", "-") for field in FIELD_NAMES if field != "out"))
+            raise UsageError(f"config file {path}: unknown setting {key!r}; {hint}the settings are {valid}, and a "
+                             "[strategy] table with name and args")
         values[name] = value
     return values
 

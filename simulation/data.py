@@ -524,6 +524,9 @@ def _download(url: str, target: Path, md5: str) -> None:
 
 
 def _read_npz(path: Path, *, multi_label_to_any: bool = False) -> tuple[ImageSplit, ImageSplit, ImageSplit | None]:
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an .npz file; for a folder of images (one subfolder per class) use "
+                        f"--dataset folder:{path}")
     if not path.is_file():
         raise DataError(f"file not found: {path}; expected {_NPZ_LAYOUT}")
     try:

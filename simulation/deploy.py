@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -376,7 +377,9 @@ def main(argv=None) -> int:
             raise UsageError("--fail-holders is a test hook of python -m simulation.run; under the Deployment "
                              "Engine stop a SuperNode instead")
         config = config_from_args(args)
-        check_floor(plan_run(config), floor_from_args(args))
+        plan = plan_run(config)
+        check_floor(plan, floor_from_args(args))
+        config = replace(config, block_size=plan.block_size)  # config.json says which q was used
         run_dir = prepare_run_dir(config, Path(args.out) if args.out else None).resolve()
         print(f"run folder: {run_dir}", flush=True)
         write_setup(config, run_dir)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simulation.cli import add_setup_arguments, new_output_folder, positive_int, run_command, setup_from_arguments
+from simulation.cli import add_setup_arguments, output_folder, positive_int, run_command, setup_from_arguments
+from simulation.errors import UsageError
 from simulation.key_table import compare_keys, format_key_table, write_key_report
 
 
@@ -35,13 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--timing-batch", type=positive_int, default=64, help="batch size of the timing (default 64)")
     compare.add_argument("--timing-repeats", type=positive_int, default=10, help="timed repeats per measurement; the median is reported (default 10)")
     compare.add_argument("--no-known-plaintext", action="store_true", help="skip the known-plaintext demonstration")
-    compare.add_argument("--out", type=Path, default=Path("results/keys"), help="output folder for keys.json and morph.png (default results/keys)")
+    compare.add_argument("--out", type=Path, default=None, help="output folder for keys.json and morph.png, which must "
+                         "not hold them yet (default: a new results/keys/<time> folder)")
     return parser
 
 
+SUBCOMMANDS = ("compare",)
+
+
 def _main(argv: list[str] | None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if not given or (given[0] not in SUBCOMMANDS and given[0] not in ("-h", "--help")):
+        raise UsageError(f"python -m simulation.keys needs a subcommand first: {', '.join(SUBCOMMANDS)} (for example "
+                         f"python -m simulation.keys compare {' '.join(given) or '--holders 3'})")
     args = _parser().parse_args(argv)
-    new_output_folder(args.out, ("keys.json", "morph.png"))
+    args.out = output_folder(args.out, "keys", ("keys.json", "morph.png"))
     setup = setup_from_arguments(args, holders=args.holders)
     dataset = setup.dataset
     images = torch.from_numpy(np.concatenate([dataset.train.images, dataset.test.images]))

@@ -63,8 +63,9 @@ def _placement(dataset_spec, data_dir, image_size, holders, scheme, test_fractio
     public, private = np.sort(order[:num_public]), np.sort(order[num_public:])
     if len(private) < 2 * holders:
         raise UsageError(
-            f"{len(private)} private training images cannot be shared among {holders} holders; "
-            "use fewer holders, a smaller --public-fraction or a larger dataset"
+            f"{len(private)} private training images cannot be shared among {holders} holders: each holder needs "
+            f"at least 2, so at most {len(private) // 2} holders; use fewer holders, a smaller --public-fraction or "
+            "a larger dataset"
         )
     parts = partition(dataset.train.labels[private], holders, scheme, seed=derive_seed(seed, "partition"), min_size=2)
     train, test = [], []

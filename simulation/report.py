@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from clients.holder import KEY_FILE, holder_home
 from clients.keys import HolderKey
@@ -105,25 +106,54 @@ def _csv(results: dict[str, dict]) -> str:
     return buffer.getvalue()
 
 
+CURVE_METRICS = (  # (panel, row key, label, colour): one colour per metric in the whole figure
+    ("loss", "train_loss", "train loss (holders' training batches)", "tab:blue"),
+    ("loss", "loss", "eval loss (holders' own test splits)", "tab:orange"),
+    ("accuracy", "accuracy", "federated eval accuracy (holders' own test splits)", "tab:green"),
+)
+VARIANT_STYLES = {  # one line style per variant; the baseline's open, larger markers keep a coinciding line visible
+    "mple": {"label": "MpLe", "linestyle": "-", "marker": "o", "markersize": 4, "linewidth": 1.6},
+    "baseline": {"label": "baseline (no morphing)", "linestyle": "--", "marker": "s", "markersize": 8,
+                 "linewidth": 1.0, "markerfacecolor": "none"},
+}
+
+
 def plot_curves(results: dict[str, dict], path: Path) -> None:
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    loss_axes, accuracy_axes = figure.subplots(1, 2)
-    styles = {"mple": ("MpLe", "-", "o"), "baseline": ("baseline (no morphing)", "--", "s")}
+    """Loss and accuracy per round: a colour per metric, a line style per variant, whole-number rounds, and the final
+    accuracy on the official test split beside the federated one (they are measured on different images)."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = dict(zip(("loss", "accuracy"), figure.subplots(1, 2)))
     for variant, metrics in results.items():
-        label, line, marker = styles[variant]
-        rounds = [row["round"] for row in metrics["rounds"]]
-        for axes, name, what in ((loss_axes, "train_loss", "train loss"), (loss_axes, "loss", "eval loss"),
-                                 (accuracy_axes, "accuracy", "eval accuracy")):
-            values = [row.get(name) for row in metrics["rounds"]]
-            points = [(r, v) for r, v in zip(rounds, values) if v is not None]
+        style = VARIANT_STYLES[variant]
+        rows = metrics["rounds"]
+        for panel, key, label, colour in CURVE_METRICS:
+            points = [(row["round"], row[key]) for row in rows if row.get(key) is not None]
             if points:
-                axes.plot(*zip(*points), line, marker=marker, label=f"{label}: {what}")
-    loss_axes.set(title="Loss per round", xlabel="round", ylabel="cross-entropy")
-    accuracy_axes.set(title="Federated evaluation accuracy", xlabel="round", ylabel="accuracy")
-    for axes in (loss_axes, accuracy_axes):
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+                axes[panel].plot(*zip(*points), color=colour, **{**style, "label": f"{style['label']}: {label}"})
+        final = metrics["final"].get("accuracy")
+        if final is not None and rows:
+            axes["accuracy"].plot([rows[-1]["round"]], [final], color="tab:red", linestyle="none",
+                                  marker="*" if variant == "mple" else "P", markersize=12 if variant == "mple" else 9,
+                                  label=f"{style['label']}: final accuracy, official test split ({final:.3f})")
+    coincide = "mple" in results and "baseline" in results and _curves_coincide(results["mple"], results["baseline"])
+    note = " — MpLe and baseline coincide (AugConv is exact): dashed baseline over solid MpLe" if coincide else ""
+    axes["loss"].set(title="Loss per round", xlabel="round", ylabel="cross-entropy")
+    axes["accuracy"].set(title="Accuracy per round", xlabel="round", ylabel="accuracy")
+    for panel in axes.values():
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7)
+    figure.suptitle(f"Federated training{note}", fontsize=10)
     figure.savefig(path, dpi=110)
+
+
+def _curves_coincide(first: dict, second: dict, tolerance: float = 1e-2) -> bool:
+    for a, b in zip(first["rounds"], second["rounds"]):
+        for _, key, _, _ in CURVE_METRICS:
+            x, y = a.get(key), b.get(key)
+            if (x is None) != (y is None) or (x is not None and abs(x - y) > tolerance * max(abs(y), 1e-12)):
+                return False
+    return len(first["rounds"]) == len(second["rounds"])
 
 
 def _final_text(final: dict) -> str:

@@ -9,16 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import socket
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import ray
 from flwr.simulation import run_simulation
 
 from clients.client_app import HolderSide, build_client_app
 from clients.floor import SecurityFloor
 from clients.secrets import provision_holders
-from server.plan import plan_run
+from server.plan import make_strategy, plan_run
 from server.server_app import ServerSettings, build_server_app
 from simulation.cli import check_floor, config_from_args, floor_from_args, parse_args
 from simulation.config import ExperimentConfig
@@ -26,6 +31,9 @@ from simulation.errors import UsageError
 from simulation.protocol import VARIANTS
 from simulation.report import write_report, write_setup
 from simulation.run_folder import HOLDERS_FOLDER, METRICS_FILE, RUN_MARKER, prepare_run_dir
+from strategies.registry import describe_strategy
+
+RAY_CONNECT_TIMEOUT_S = 10.0
 
 
 def _quiet_logs() -> None:
@@ -45,14 +53,71 @@ def _quiet_logs() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def backend_config(config: ExperimentConfig) -> dict:
-    init_args = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
-    if config.ray_address:
-        init_args["address"] = config.ray_address
+class RayInstance:
+    """The Ray this run uses. With --ray-address, exactly that cluster; without, a private instance in its own
+    temporary folder (`address="local"`), so that no bootstrap file that a stale or a stranger's cluster left behind
+    is ever joined and two runs on one machine never share one. The run starts it itself (Flower then uses it as
+    it is), so that its own signal handlers come after Ray's and `kill` stops the run, every process included."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.address = config.ray_address
+        self.temp = None if self.address else Path(tempfile.mkdtemp(prefix="mple-ray-", dir="/tmp"))
+
+    def init_args(self) -> dict:
+        args = {"logging_level": logging.ERROR, "log_to_driver": False, "include_dashboard": False}
+        if self.address:
+            return args | {"address": self.address}
+        return args | {"address": "local", "_temp_dir": str(self.temp)}
+
+    def start(self) -> None:
+        if not ray.is_initialized():
+            path = os.pathsep.join(sys.path)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, **self.init_args())
+
+    def stop(self) -> None:
+        """Every process of the private instance, and its folder; only this driver's connection to a cluster."""
+        if ray.is_initialized():
+            ray.shutdown()
+        self.kill_processes()
+
+    def kill_processes(self) -> None:
+        """SIGKILL every process started in this instance's folder (Ray's servers and workers name it), then remove
+        the folder. Safe in a signal handler: it waits for nothing."""
+        if self.temp is None:
+            return
+        marker = str(self.temp).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def backend_config(config: ExperimentConfig, instance: RayInstance) -> dict:
     return {
         "client_resources": {"num_cpus": config.cpus_per_holder, "num_gpus": config.gpus_per_holder},
-        "init_args": init_args,
+        "init_args": instance.init_args(),
     }
+
+
+def check_ray_address(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A HOST:PORT cluster that does not answer within `timeout_s` is one clear line, not a wait without end."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except ValueError:
+        raise UsageError(f"--ray-address {address} is not HOST:PORT (or auto); give the head's address") from None
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(f"cannot reach the Ray cluster at {address} within {timeout_s:.0f} s ({reason}); check the "
+                         "address (ray status on the head) or drop --ray-address") from None
 
 
 def holder_side(config: ExperimentConfig, run_dir: Path, holder_seed: int | None,
@@ -66,17 +131,24 @@ def holder_side(config: ExperimentConfig, run_dir: Path, holder_seed: int | None
 
 
 def run_variant(config: ExperimentConfig, run_dir: Path, variant: str, side: HolderSide, *, progress=print,
-                stop_after_round: int | None = None) -> dict:
+                stop_after_round: int | None = None, on_ray_started=None) -> dict:
     """Run one variant on Flower's simulation engine and return its metrics."""
     settings = ServerSettings(config=config, run_dir=run_dir, variant=variant, progress=progress,
                               stop_after_round=stop_after_round)
     _quiet_logs()
-    run_simulation(
-        server_app=build_server_app(settings),
-        client_app=build_client_app(side),
-        num_supernodes=config.holders,
-        backend_config=backend_config(config),
-    )
+    instance = RayInstance(config)
+    try:
+        instance.start()
+        if on_ray_started is not None:
+            on_ray_started(instance)
+        run_simulation(
+            server_app=build_server_app(settings),
+            client_app=build_client_app(side),
+            num_supernodes=config.holders,
+            backend_config=backend_config(config, instance),
+        )
+    finally:
+        instance.stop()
     if settings.error is not None:
         if isinstance(settings.error, (UsageError, SystemExit)):
             raise settings.error
@@ -86,8 +158,49 @@ def run_variant(config: ExperimentConfig, run_dir: Path, variant: str, side: Hol
     return settings.result
 
 
+def run_summary(config: ExperimentConfig, variant: str) -> str:
+    """The settings a reader needs to know what ran: strategy and its own arguments, DP, local layers, key."""
+    description = describe_strategy(make_strategy(config))
+    defaults = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
+                "weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
+                "evaluate_metrics_aggr_fn")
+    own = {key: value for key, value in description["args"].items() if key not in defaults}
+    strategy = description["name"] + (f" ({', '.join(f'{k}={v}' for k, v in own.items())})" if own else "")
+    dp = description["differential_privacy"]
+    privacy = "none" if not dp else f"{dp['mode']}-side clipping {dp['clipping_norm']}, noise {dp['noise_multiplier']}"
+    key = "none (baseline)" if variant == "baseline" else (
+        f"{config.key_family}, q={config.block_size or 'image width'}, {config.key_entries} entries")
+    return (f"   strategy {strategy}; DP {privacy}; local layers {', '.join(config.local_layers) or 'none'}; key {key}; "
+            f"channel order {config.shuffle}; sampled per round {config.fraction_train:g} train / "
+            f"{config.fraction_evaluate:g} evaluate")
+
+
+class Stage:
+    """Where a run is, for the line an interruption prints."""
+
+    def __init__(self):
+        self.now = "start-up"
+
+    def follow(self, progress):
+        def tracking(line: str) -> None:
+            if line.startswith("== "):
+                self.now = f"the start of {line[3:].split(':')[0]}"
+            elif line.startswith("phase 0"):
+                done, total = line.split("epoch ")[1].split(":")[0].split("/")
+                self.now = "phase 0 (forming the first layer)" if done != total else "round 1"
+            elif line.startswith("round "):
+                done, total = line.split()[1].split("/")
+                self.now = f"round {int(done) + 1} of {total}" if int(done) < int(total) else "the final evaluation"
+            elif line.startswith("per-holder keys"):
+                self.now = "the report"
+            progress(line)
+
+        return tracking
+
+
 def run_experiment(config: ExperimentConfig, run_dir: Path, *, holder_seed: int | None = None,
-                   floor: SecurityFloor = SecurityFloor(), progress=print, stop_after_round=None) -> dict:
+                   floor: SecurityFloor = SecurityFloor(), progress=print, stop_after_round=None,
+                   on_ray_started=None) -> dict:
     write_setup(config, run_dir)
     side = holder_side(config, run_dir, holder_seed, floor)
     results = {}
@@ -97,13 +210,16 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, holder_seed: int 
             results[variant] = json.loads(finished.read_text())
             continue
         progress(f"== {variant}: {config.holders} holders, {config.rounds} rounds, {config.dataset}, {config.model}")
+        progress(run_summary(config, variant))
         results[variant] = run_variant(config, run_dir, variant, side, progress=progress,
-                                       stop_after_round=stop_after_round)
+                                       stop_after_round=stop_after_round, on_ray_started=on_ray_started)
     return write_report(config, run_dir, results, progress=progress)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    stop = Stopper()
+    stop.arm(None)
     try:
         floor = floor_from_args(args)
         if args.resume:
@@ -115,27 +231,59 @@ def main(argv=None) -> int:
             except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not a run's settings
                 raise UsageError(f"--resume {run_dir}: its {RUN_MARKER} is not a run's settings ({error}); give the "
                                  "folder of an earlier run") from None
+            check_ray_address(config.ray_address)
         else:
             config = config_from_args(args)
-            check_floor(plan_run(config), floor)
+            plan = plan_run(config)
+            check_floor(plan, floor)
+            check_ray_address(config.ray_address)
+            config = replace(config, block_size=plan.block_size)  # config.json says which q was used
             run_dir = prepare_run_dir(config, Path(args.out) if args.out else None)
+        stop.run_dir = run_dir
         config = replace(config, out=str(run_dir))
         print(f"run folder: {run_dir}", flush=True)
-        summary = run_experiment(config, run_dir, holder_seed=args.holder_seed, floor=floor,
-                                 progress=lambda line: print(line, flush=True))
+        run_experiment(config, run_dir, holder_seed=args.holder_seed, floor=floor,
+                       progress=stop.stage.follow(lambda line: print(line, flush=True)), on_ray_started=stop.arm)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return UsageError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
-        return 130
-    final = summary["final"]
-    line = f"final accuracy {final['accuracy']:.4f}"
-    if "baseline_accuracy" in final:
-        line += f", baseline {final['baseline_accuracy']:.4f} (difference {final['difference_pp']:+.2f} pp)"
-    print(line)
-    print(f"results: {run_dir}")
+    finally:
+        stop.disarm()
+    print(f"results: {run_dir}")  # the report above has printed the final accuracy
     return 0
+
+
+class Stopper:
+    """Ctrl-C and SIGTERM, at any stage: one line saying where the run stopped and how to resume it, every Ray
+    process of the run killed, and an exit without waiting for Flower's threads (the ServerApp's may be waiting on
+    holders that are gone). Checkpoints are written atomically, so the last completed round's stays intact."""
+
+    def __init__(self):
+        self.stage = Stage()
+        self.run_dir: Path | None = None
+        self.instance: RayInstance | None = None
+        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def arm(self, instance: RayInstance | None) -> None:
+        """Handle both signals; called again once Ray has started, as Ray installs its own SIGTERM handler."""
+        self.instance = instance
+        for sig in self.previous:
+            signal.signal(sig, self)
+
+    def disarm(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self, signum, frame) -> None:
+        if self.instance is not None:
+            self.instance.kill_processes()
+        where = "" if self.run_dir is None else (
+            f"; the last completed round's checkpoint is kept: continue with python -m simulation.run --resume "
+            f"{self.run_dir}")
+        name = signal.Signals(signum).name
+        print(f"stopped by {name} during {self.stage.now}{where}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from clients.holder import Holder, HolderCache, holder_home
 from clients.secrets import HolderSecrets
 from server.first_layer import initial_model
 from simulation.config import build_config
+from simulation.deploy import free_ports
 from simulation.placement import placement_for
 from simulation.protocol import HolderSettings
 
@@ -146,32 +147,117 @@ def test_the_same_seed_gives_the_same_metrics_through_the_cli(tmp_path, referenc
     assert [row["round"] for row in reference["mple/metrics.json"]["rounds"]] == [1, 2, 3]
 
 
-def test_a_run_killed_mid_round_resumes_to_the_same_metrics(tmp_path, reference_run):
-    out = tmp_path / "killed"
-    log = tmp_path / "killed.log"
+def private_ray_folders() -> set[Path]:
+    return set(Path("/tmp").glob("mple-ray-*"))
+
+
+def processes_in(folders) -> list[str]:
+    """Command lines of live processes that name one of `folders` (Ray's servers and workers name their folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if any(str(folder) in command for folder in folders):
+                    found.append(command[:120])
+    return found
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_run_stopped_mid_round_resumes_to_the_same_metrics(tmp_path, reference_run, stop_signal):
+    out = tmp_path / "stopped"
+    log = tmp_path / "stopped.log"
+    before = private_ray_folders()
     with open(log, "w") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "simulation.run", *SMALL_RUN, "--out", str(out)],
                                    cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Kill it once round 1 is checkpointed and round 2 is half done: a holder has saved its round-2 state.
+        # Stop it once round 1 is checkpointed and round 2 is half done: a holder has saved its round-2 state.
         deadline = time.monotonic() + ENGINE_TIMEOUT_S
         while not (rounds_done(out) == 1 and any(out.glob("holders/*/local-mple-r00002.pt"))):
-            assert process.poll() is None, f"the run ended before it could be killed:\n{log.read_text()[-2000:]}"
+            assert process.poll() is None, f"the run ended before it could be stopped:\n{log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "round 2 never started"
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        ours = private_ray_folders() - before
+        sent = time.monotonic()
+        process.send_signal(stop_signal)
+        process.wait(timeout=30)
+        stopped_within = time.monotonic() - sent
     finally:
-        with contextlib.suppress(ProcessLookupError):  # Ray's processes, started by the killed run
+        with contextlib.suppress(ProcessLookupError):  # Ray's processes, if a SIGKILL left them
             os.killpg(process.pid, signal.SIGKILL)
-    assert rounds_done(out) == 1, "round 2 finished before the kill landed"
+    assert rounds_done(out) == 1, "round 2 finished before the signal landed"
     assert not (out / "mple" / "metrics.json").exists()
+    if stop_signal != signal.SIGKILL:  # a signal the run can handle: a clean stop, quickly, nothing left behind
+        assert stopped_within < 5 and process.returncode == 128 + stop_signal
+        text = log.read_text()
+        assert f"stopped by {stop_signal.name} during round 2 of 3" in text and "--resume" in text
+        assert "Traceback" not in text
+        assert len(ours) == 1 and not processes_in(ours) and not any(folder.exists() for folder in ours)
 
     resumed = subprocess.run([sys.executable, "-m", "simulation.run", "--resume", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming mple after round 1/3" in resumed.stdout
     assert run_metrics(out) == run_metrics(reference_run)
+
+
+def test_a_stale_bootstrap_file_or_ray_address_is_never_joined_and_two_runs_share_nothing(tmp_path):
+    """A Ray bootstrap file (as a stopped cluster leaves it) in the Ray temp folder and a RAY_ADDRESS of a cluster
+    that is gone: a run without --ray-address starts its own Ray and finishes; two at once both finish."""
+    ray_tmp = tmp_path / "raytmp"
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TMPDIR": str(ray_tmp), "RAY_ADDRESS": "127.0.0.1:1"}
+    runs = [subprocess.Popen([sys.executable, "-m", "simulation.run", "--holders", "2", "--rounds", "1",
+                              "--pretrain-epochs", "1", "--holder-seed", "1", "--out", str(tmp_path / f"run{i}")],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+    for run in runs:
+        output, _ = run.communicate(timeout=ENGINE_TIMEOUT_S)
+        assert run.returncode == 0, output[-2000:]
+        assert "results:" in output
+    assert (ray_tmp / "ray" / "ray_current_cluster").read_text() == "127.0.0.1:1\n"  # untouched, never used
+
+
+def test_a_federation_with_fewer_holders_than_the_run_names_the_missing_ones_within_the_timeout(tmp_path):
+    """As `flwr run . --run-config holders=4` against Flower's default two SuperNodes: no silent wait."""
+    from simulation.errors import UsageError
+
+    started = time.monotonic()
+    with pytest.raises(UsageError, match=r"only 2 of 4 holders connected within 2 s; missing holder\(s\) 2, 3.*holders=2"):
+        run_in_process(tmp_path, 4, nodes=2, connect_timeout=2.0)
+    assert time.monotonic() - started < 30
+
+
+def test_memory_that_keys_would_need_is_checked_before_anything_starts(tmp_path, capsys):
+    from server.first_layer import initial_model
+    from server.plan import check_memory
+    from simulation.errors import UsageError
+    from simulation.run import main
+
+    config = build_config({"holders": 10, "key_family": "dense", "image_size": 64})
+    model = initial_model(config, placement_for(config))
+    one = check_memory(config, (1, 64, 64), model, 0, memory_bytes=64 * 2**30)  # 4096 x 4096 key, its inverse, AugConv
+    assert one == 2 * 8 * 4096**2 + 4096 * 32 * 64 * 64 * 4
+    with pytest.raises(UsageError, match=r"needs 2\.25 GiB per holder .* more than half of this machine's 4\.0 GiB"):
+        check_memory(config, (1, 64, 64), model, 0, memory_bytes=4 * 2**30)
+    with pytest.raises(UsageError, match="lower --holder-cache to"):
+        check_memory(config, (1, 64, 64), model, 0, memory_bytes=12 * 2**30)
+    assert main(["--key-family", "dense", "--image-size", "256", "--out", str(tmp_path / "run")]) == 2
+    assert "GiB per holder" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_ray_address_is_one_line_within_a_bounded_time(tmp_path, capsys):
+    from simulation.run import main
+
+    (port,) = free_ports(1)
+    started = time.monotonic()
+    assert main(["--ray-address", f"127.0.0.1:{port}", "--out", str(tmp_path / "run")]) == 2
+    assert time.monotonic() - started < 15
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in error
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -229,7 +315,7 @@ BAD_INPUT = [
     case(_run, ["--out", "notes.txt/run"], "cannot create run folder"),
     case(_run, ["--resume", "nowhere"], "no config.json there"),
     case(_run, ["--resume", "foreign"], "is not a run's settings"),
-    case(_keys, [], "the following arguments are required: command"),
+    case(_keys, [], "needs a subcommand first: compare"),
     case(_keys, ["compare", "--key-family", "triangle"], "invalid choice: 'triangle'"),
     case(_keys, ["compare", "--holders", "0", "--out", "new"], "must be a positive integer, got 0"),
     case(_keys, ["compare", "--dataset", "nosuch", "--out", "new"], "unknown dataset 'nosuch'"),
@@ -296,3 +382,61 @@ def test_bad_input_exit_code_through_the_entry_points(workspace, argv, problem):
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and problem in result.stderr
     assert "Traceback" not in result.stderr
     assert not (workspace / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------ one output rule, clear messages
+COMMAND_RESULTS = [
+    ("simulation.keys", ["compare", "--holders", "1", "--samples", "2", "--timing-repeats", "1", "--no-known-plaintext"],
+     "keys", "keys.json"),
+    ("server.attacks.known_plaintext", ["--known", "1", "--test-images", "2"], "known_plaintext", "known_plaintext.json"),
+    ("server.attacks.reversing", ["--test-images", "2"], "reversing", "reversing.json"),
+    ("server.attacks.feature_leakage", ["--samples", "2"], "feature_leakage", "feature_leakage.json"),
+]
+
+
+@pytest.mark.parametrize("module, argv, command, result", COMMAND_RESULTS, ids=[row[2] for row in COMMAND_RESULTS])
+def test_every_command_writes_a_new_folder_per_run_and_never_overwrites(tmp_path, monkeypatch, capsys, module, argv,
+                                                                        command, result):
+    monkeypatch.chdir(tmp_path)
+    main = __import__(module if module == "simulation.keys" else f"{module}.__main__", fromlist=["main"]).main
+    assert main(argv + ["--holder-seed", "1"]) == 0
+    assert main(argv + ["--holder-seed", "1"]) == 0
+    runs = sorted((tmp_path / "results" / command).iterdir())
+    assert len(runs) == 2 and all((run / result).is_file() for run in runs)  # two runs, two folders
+    earlier = (runs[0] / result).read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["--holder-seed", "2", "--out", str(runs[0])]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"already holds {result}" in error
+    assert (runs[0] / result).read_bytes() == earlier
+
+
+def test_messages_name_the_problem_and_the_fix(tmp_path, capsys):
+    from simulation.run import main
+
+    (tmp_path / "images").mkdir()
+    preset = tmp_path / "preset.toml"
+    preset.write_text('holdres = 3\n')
+    cases = [
+        (["--dataset", f"npz:{tmp_path / 'images'}"], ["is a folder, not an .npz file", f"folder:{tmp_path / 'images'}"]),
+        (["--holders", "1000"], ["each holder needs at least 2", "at most"]),
+        (["--config", str(preset)], ["unknown setting 'holdres'", "did you mean 'holders'", "the settings are"]),
+    ]
+    for argv, fragments in cases:
+        assert main(argv + ["--out", str(tmp_path / "run")]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and all(fragment in error for fragment in fragments), error
+    assert not (tmp_path / "run").exists()
+    from simulation.keys import main as keys_main
+
+    assert keys_main(["--holders", "3"]) == 2
+    assert "needs a subcommand first: compare" in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once_and_the_real_run_folder_name(capsys):
+    from simulation.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "runs/<time>-<dataset>-<model>-<key family>" in " ".join(text.split())

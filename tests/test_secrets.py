@@ -218,6 +218,7 @@ class _Planted:
         return (Path.write_text, (Path(self.marker), "code ran"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, on the planted pickle it refuses
 def test_a_holder_never_unpickles_a_planted_augconv_file(tmp_path):
     import pickle
 
@@ -260,3 +261,15 @@ def test_checkpoints_are_owner_only_and_hold_no_pickled_object(tmp_path):
     assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o600
     saved = torch.load(checkpoint, weights_only=True)  # tensors, numbers and strings only
     assert "strategy" not in saved and {"m_t", "v_t"} <= {key.split("/")[0] for key in saved["strategy_tensors"]}
+
+
+def test_a_federation_secret_from_node_config_must_be_32_bytes_of_hex_and_is_shared(tmp_path):
+    shared = "ab" * 32
+    first = holder_secrets(tmp_path / "a", 0, federation_secret=shared)
+    second = holder_secrets(tmp_path / "b", 1, federation_secret=shared)
+    assert first.federation == second.federation == bytes.fromhex(shared) and first.holder != second.holder
+    assert torch.equal(channel_order(first, "federation", 16), channel_order(second, "federation", 16))
+    for bad in ("ab" * 31, "zz" * 32, "ab" * 33):
+        with pytest.raises(UsageError, match="64 hex digits"):
+            holder_secrets(tmp_path / f"bad-{len(bad)}-{bad[:2]}", 0, federation_secret=bad)
+    assert repr(first) == "HolderSecrets(source='entropy', federation=yes)"

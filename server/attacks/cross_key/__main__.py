@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from server.attacks.cross_key import cross_key_for_run, cross_key_matrix, train_demo_backbone, write_cross_key
-from simulation.cli import add_setup_arguments, positive_int, run_command, setup_from_arguments
+from simulation.cli import add_setup_arguments, output_folder, positive_int, run_command, setup_from_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,16 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     add_setup_arguments(parser, run_help="use a finished simulation.run folder (its global backbone and holders) "
                         "instead of training a demonstration backbone")
     parser.add_argument("--epochs", type=positive_int, default=5, help="training epochs of the demonstration backbone (default 5)")
-    parser.add_argument("--out", type=Path, default=Path("results/attacks/cross_key"), help="output folder for cross_key.json and .png")
+    parser.add_argument("--out", type=Path, default=None, help="output folder for cross_key.json and .png, which must "
+                        "not hold them yet (default: a new results/cross_key/<time> folder)")
     return parser
 
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    args.out = output_folder(args.out, "cross_key", ("cross_key.json", "cross_key.png"))
     if args.run is not None:
         accuracy, context = cross_key_for_run(args.run)
-        with np.printoptions(precision=3, suppress=True):
-            print(accuracy)
+        print(accuracy_table(accuracy, context["majority_class_rate"]))
         json_path, png_path = write_cross_key(accuracy, args.out, chance=context["majority_class_rate"], context=context)
         print(f"wrote {json_path} and {png_path}")
         return 0
@@ -40,13 +41,24 @@ def _main(argv: list[str] | None) -> int:
         setup.model_name, setup.dataset, setup.first_conv, setup.keys, setup.orders, epochs=args.epochs, seed=args.seed
     )
     accuracy = cross_key_matrix(backbone, augconvs, test_sets)
-    with np.printoptions(precision=3, suppress=True):
-        print(accuracy)
     context = setup.describe() | {"epochs": args.epochs, "keys": [key.summary() for key in setup.keys]}
     majority = float(np.bincount(setup.dataset.test.labels).max() / len(setup.dataset.test.labels))
+    print(accuracy_table(accuracy, majority))
     json_path, png_path = write_cross_key(accuracy, args.out, chance=majority, context=context)
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def accuracy_table(accuracy: np.ndarray, chance: float) -> str:
+    """Rows: whose AugConv; columns: whose morphed test data; the diagonal is each holder's own accuracy."""
+    holders = range(len(accuracy))
+    lines = ["accuracy of holder i's AugConv (rows) on holder j's morphed test data (columns); "
+             f"diagonal: own data; chance (majority class) {chance:.3f}",
+             "AugConv \\ data  " + "  ".join(f"holder {j:>2}" for j in holders)]
+    for i in holders:
+        lines.append(f"holder {i:>2}        " + "  ".join(
+            f"{accuracy[i, j]:>8.3f}{'*' if i == j else ' '}" for j in holders))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

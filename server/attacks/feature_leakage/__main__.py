@@ -11,7 +11,7 @@ from clients.augconv import AugConv
 from clients.morphing import morph
 from server.attacks.common import normalized_images, to_pixels, write_json
 from server.attacks.feature_leakage import feature_maps, leakage, plot_feature_grid
-from simulation.cli import attack_parser, positive_int, run_command, setup_from_arguments
+from simulation.cli import attack_parser, output_folder, positive_int, run_command, setup_from_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    args.out = output_folder(args.out, "feature_leakage", ("feature_leakage.json", "feature_leakage.png"))
     setup = setup_from_arguments(args, holders=args.holder + 1)
     dataset, key = setup.dataset, setup.keys[args.holder]
     order = None if setup.orders is None else setup.orders[args.holder]

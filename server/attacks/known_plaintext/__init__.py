@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from clients.keys import HolderKey
 from clients.morphing import morph
@@ -228,20 +230,26 @@ def default_known_counts(needed: int, available: int) -> list[int]:
 
 def plot_curve(curve: list[dict], path: Path, *, title: str, needed: int) -> Path:
     """PSNR and SSIM of the decrypted images against the number of known images (log scale)."""
-    from matplotlib.figure import Figure
 
     counts = [point["known_images"] for point in curve]
     figure = Figure(figsize=(8, 3.4), layout="constrained")
-    for axes, field, label in zip(figure.subplots(1, 2), ("psnr_db", "ssim"), ("PSNR (dB)", "SSIM")):
+    for axes, field, label in zip(figure.subplots(1, 2), ("psnr_db", "ssim"),
+                                  ("PSNR (dB, capped at 150)", "SSIM")):
         values = [min(point[field], 150.0) for point in curve]
-        axes.plot(counts, values, marker="o")
-        axes.axvline(needed, color="grey", linestyle="--", label=f"needed (computed): {needed}")
+        axes.plot(counts, values, marker="o", label="mean over the attacked images")
+        axes.axvline(needed, color="grey", linestyle="--", label=f"needed for generic images (computed): {needed}")
         axes.set_xscale("log", base=2)
+        axes.set_xticks(counts)
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.ticklabel_format(axis="y", useOffset=False, style="plain")
+        if field == "ssim":
+            axes.set_ylim(min(0.0, min(values) - 0.05), 1.05)
         axes.set_xlabel("known (image, morphed image) pairs")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
-        axes.legend(loc="lower right", fontsize=8)
-    figure.suptitle(title, fontsize=10)
+        axes.legend(loc="lower right", fontsize=7)
+    figure.suptitle(f"{title}\nPSNR and SSIM of the holder's other images, decrypted with the matrix recovered from "
+                    "k known pairs", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path

@@ -10,7 +10,7 @@ import torch
 
 from server.attacks.common import write_json
 from server.attacks.known_plaintext import attack_curve, default_known_counts, full_rank, known_images_needed, plot_curve
-from simulation.cli import attack_parser, parse_counts, positive_int, run_command, setup_from_arguments
+from simulation.cli import attack_parser, output_folder, parse_counts, positive_int, run_command, setup_from_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    args.out = output_folder(args.out, "known_plaintext", ("known_plaintext.json", "known_plaintext.png"))
     setup = setup_from_arguments(args, holders=args.holder + 1, with_model=False)
     key = setup.keys[args.holder]
     dataset = setup.dataset
@@ -35,9 +36,15 @@ def _main(argv: list[str] | None) -> int:
     images = np.concatenate([dataset.train.images, dataset.test.images])
     counts = args.known or default_known_counts(needed, len(images) - args.test_images)
     curve = attack_curve(key, torch.from_numpy(images), mean=dataset.mean, std=dataset.std, known_counts=counts, test_images=args.test_images)
+    print(f"known plaintext on {dataset.name}, holder {args.holder}: {key.family} key, q = {key.block_size}; decrypting "
+          f"the last {args.test_images} images with the matrix recovered from the first k")
     for point in curve:
         print(f"k = {point['known_images']:>5}: rank {point['rank']}/{rank}  PSNR {point['psnr_db']:7.2f} dB  "
               f"SSIM {point['ssim']:.4f}  matrix error {point['matrix_error']:.2e}")
+    if any(point["rank"] < rank for point in curve):
+        print(f"(a rank below {rank}: the known images' rows span only part of the key's domain, so the recovered "
+              "matrix is wrong outside it (the matrix error), yet images whose rows lie in that span, such as the "
+              "digits' blank columns, still decrypt exactly (the PSNR))")
     summary = {
         "attack": "known_plaintext", **setup.describe(), "holder": args.holder, "key": key.summary(),
         "known_images_needed": needed, "full_rank": rank, "test_images": args.test_images,

@@ -9,7 +9,7 @@ import torch
 
 from server.attacks.common import write_json
 from server.attacks.reversing import evaluate_reversing
-from simulation.cli import attack_parser, positive_int, run_command, setup_from_arguments
+from simulation.cli import attack_parser, output_folder, positive_int, run_command, setup_from_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    args.out = output_folder(args.out, "reversing", ("reversing.json",))
     setup = setup_from_arguments(args, holders=args.holder + 1)
     key = setup.keys[args.holder]
     order = None if setup.orders is None else setup.orders[args.holder]
