@@ -35,7 +35,6 @@ class AuditGrid(Grid):
         self._grid = grid
         self.shared_names = set(shared_names)
         self.holder_of: dict[int, int] = {}
-        self.replies: list[Message] = []
         self.sent = 0
         self.received = 0
         self._expected: dict[int, tuple[ReplySchema, dict[str, tuple]]] = {}  # by node: what its reply may carry
@@ -74,7 +73,6 @@ class AuditGrid(Grid):
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             self._check_incoming(reply)
-        self.replies = replies
         return replies
 
     # -- checks

@@ -32,6 +32,10 @@ from simulation.protocol import (
 )
 from simulation.seeds import derive_seed
 
+PROGRESS_EVERY_S = 10.0
+PULL_INTERVAL_S = 0.05
+
+
 class RoundLoop:
     """One variant's rounds: sends the holders their work through the audited grid, aggregates with the strategy,
     checkpoints every round, and returns the variant's rounds and final evaluation."""
@@ -77,6 +81,31 @@ class RoundLoop:
             messages = self._with_holder_records(messages)
             content[ARRAYS] = self.state.arrays
         return self.grid.send_and_receive(messages)
+
+    def _exchange(self, messages: list[Message], done: str) -> list[Message]:
+        """Send a round's messages and collect the replies, within --round-timeout; a round that takes long says
+        every PROGRESS_EVERY_S how many holders have replied, and how fast."""
+        sent = list(self.grid.push_messages(messages))
+        position = {message_id: index for index, message_id in enumerate(sent)}
+        pending = set(sent)
+        started = last_report = time.monotonic()
+        deadline = None if self.config.round_timeout is None else started + self.config.round_timeout
+        replies: list[Message] = []
+        while pending:
+            arrived = list(self.grid.pull_messages(sorted(pending, key=position.get)))
+            replies += arrived
+            pending -= {reply.metadata.reply_to_message_id for reply in arrived}
+            now = time.monotonic()
+            if not pending or (deadline is not None and now > deadline):
+                break
+            if now - last_report >= PROGRESS_EVERY_S:
+                rate = len(replies) / (now - started)
+                self.progress(f"  round {self.state.round}: {len(replies)}/{len(messages)} holders {done} "
+                              f"({rate:.2f} holders/s, {now - started:.0f} s)")
+                last_report = now
+            time.sleep(PULL_INTERVAL_S)
+        # In the order sent, whatever order they arrived in: aggregation sums floats, and the sum depends on the order.
+        return sorted(replies, key=lambda reply: position[reply.metadata.reply_to_message_id])
 
     def identify_holders(self) -> None:
         """Wait (at most --connect-timeout) until every holder's node is connected, then learn which node is which
@@ -138,7 +167,7 @@ class RoundLoop:
         messages = self._with_holder_records(
             self.strategy.configure_train(state.round, state.arrays, self._config(), self.grid)
         )
-        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
+        replies = self._exchange(messages, "trained")
         ok = [reply for reply in replies if not reply.has_error()]
         counted = len(ok) >= (self.config.min_holders or 1)
         if counted:
@@ -162,7 +191,7 @@ class RoundLoop:
         messages = self._with_holder_records(
             self.strategy.configure_evaluate(state.round, state.arrays, self._config(**config), self.grid)
         )
-        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
+        replies = self._exchange(messages, "evaluated")
         ok = [reply for reply in replies if not reply.has_error()]
         # Holders with no test images (--test-fraction 0, or two images each) reply with 0 examples, and Flower's
         # aggregation would divide by their total.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -82,19 +82,39 @@ class RayInstance:
 
     def kill_processes(self) -> None:
         """SIGKILL every process started in this instance's folder (Ray's servers and workers name it), then remove
-        the folder. Safe in a signal handler: it waits for nothing."""
-        if self.temp is None:
-            return
-        marker = str(self.temp).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                continue
-        shutil.rmtree(self.temp, ignore_errors=True)
+        the folder."""
+        if self.temp is not None:
+            subprocess.run([sys.executable, "-c", _KILL_BY_FOLDER, str(self.temp), str(os.getpid())], check=False)
+
+    def kill_processes_after_exit(self) -> None:
+        """The same from a detached process, for a signal handler: the moment Ray's servers die, Ray's core in this
+        process may end it, so this process leaves first and the cleaner finishes the job."""
+        if self.temp is not None:
+            subprocess.Popen([sys.executable, "-c", _KILL_BY_FOLDER, str(self.temp), str(os.getpid())],
+                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+
+
+_KILL_BY_FOLDER = """
+import os, shutil, signal, sys, time
+folder, spared = sys.argv[1], {int(sys.argv[2]), os.getpid()}
+for attempt in range(5):
+    found = False
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in spared:
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as handle:
+                if folder.encode() in handle.read():
+                    os.kill(int(name), signal.SIGKILL)
+                    found = True
+        except OSError:
+            pass
+    if not found:
+        break
+    time.sleep(0.1)
+shutil.rmtree(folder, ignore_errors=True)
+"""
 
 
 def backend_config(config: ExperimentConfig, instance: RayInstance) -> dict:
@@ -275,14 +295,14 @@ class Stopper:
             signal.signal(sig, handler)
 
     def __call__(self, signum, frame) -> None:
-        if self.instance is not None:
-            self.instance.kill_processes()
         where = "" if self.run_dir is None else (
             f"; the last completed round's checkpoint is kept: continue with python -m simulation.run --resume "
             f"{self.run_dir}")
         name = signal.Signals(signum).name
         print(f"stopped by {name} during {self.stage.now}{where}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        if self.instance is not None:
+            self.instance.kill_processes_after_exit()
         os._exit(128 + signum)
 
 

@@ -36,6 +36,7 @@ class InProcessGrid(Grid):
             for holder in range(num_holders)
         }
         self._ids = itertools.count(1)
+        self._waiting: dict[str, Message] = {}
         self.log: list[tuple[Message, Message]] = []
 
     def set_run(self, run) -> None:  # pragma: no cover - nothing to set
@@ -51,14 +52,9 @@ class InProcessGrid(Grid):
     def get_node_ids(self):
         return list(self._contexts)
 
-    def push_messages(self, messages):  # pragma: no cover - the ServerApp uses send_and_receive
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Deliver each message to its holder's ClientApp now; the replies wait for pull_messages."""
+        ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             context = self._contexts[message.metadata.dst_node_id]
@@ -69,8 +65,15 @@ class InProcessGrid(Grid):
                 reply = Message(Error(code=0, reason=reason), reply_to=message)
             # Copies: some strategies empty the replies' arrays while aggregating them.
             self.log.append((_snapshot(message), _snapshot(reply)))
-            replies.append(reply)
-        return replies
+            self._waiting[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._waiting.pop(message_id) for message_id in list(message_ids) if message_id in self._waiting]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def _snapshot(message: Message) -> Message:

@@ -317,3 +317,29 @@ def test_server_side_updates_never_leave_a_negative_batchnorm_variance():
     valid = valid_backbone(state, ["bn.running_var", "bn.weight"])
     assert valid["bn.running_var"].tolist() == [0.0, pytest.approx(0.2)] and valid["bn.running_var"].dtype == torch.float32
     assert valid["bn.weight"].tolist() == [-0.5, 1.0]  # only variances are clamped
+
+
+def test_a_long_round_reports_how_many_holders_have_replied(monkeypatch):
+    """Replies trickling in (a VGG-16 round on a CPU takes minutes): progress lines with the count and the rate, and
+    the replies in the order the messages were sent, whatever order they arrived in."""
+    from types import SimpleNamespace
+
+    import server.rounds as rounds
+
+    class Trickle:
+        def push_messages(self, messages):
+            self.queue = [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}")) for i in (2, 0, 1)]
+            return ["m0", "m1", "m2"]
+
+        def pull_messages(self, ids):
+            return [self.queue.pop(0)] if self.queue else []
+
+    monkeypatch.setattr(rounds, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(rounds, "PULL_INTERVAL_S", 0.0)
+    lines = []
+    loop = rounds.RoundLoop.__new__(rounds.RoundLoop)
+    loop.grid, loop.progress = Trickle(), lines.append
+    loop.config, loop.state = SimpleNamespace(round_timeout=None), SimpleNamespace(round=4)
+    replies = loop._exchange([object()] * 3, "trained")
+    assert [reply.metadata.reply_to_message_id for reply in replies] == ["m0", "m1", "m2"]
+    assert lines and lines[0].startswith("  round 4: 1/3 holders trained (") and "holders/s" in lines[0]
