@@ -6,6 +6,7 @@ builds anew (whatever else a strategy holds, such as functions, comes from its c
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from simulation.errors import UsageError
 from simulation.files import atomic_torch_save, atomic_write_json
 from simulation.run_folder import CHECKPOINT_FILE, PROGRESS_FILE
 
@@ -29,6 +31,9 @@ class RoundState:
     round: int = 0
     rows: list[dict] = field(default_factory=list)
     aligned: bool = False  # the initial backbone is in the federation's channel order
+
+
+CHECKPOINT_ENTRIES = {"round", "arrays", "rows", "sampling", "strategy_tensors", "strategy_values", "aligned"}
 
 
 class Checkpoints:
@@ -52,8 +57,17 @@ class Checkpoints:
         atomic_write_json(self.folder / PROGRESS_FILE, {"rounds": state.rows})
 
     def read(self) -> dict:
-        """The checkpoint's contents: tensors, numbers and strings only."""
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        """The checkpoint's contents: tensors, numbers and strings only; a damaged file is one clear error."""
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or not CHECKPOINT_ENTRIES <= set(saved):
+                raise ValueError("entries missing")
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise UsageError(f"checkpoint {self.path} is truncated or damaged ({first_line}); the rounds after the "
+                             "last good checkpoint are lost: restore the file from a backup, or start a new run "
+                             "folder") from None
+        return saved
 
     def restore(self, state: RoundState) -> bool:
         """Bring `state` (with a freshly built strategy) to the last completed round, if there is one."""
