@@ -180,7 +180,7 @@ class Holder:
             self._sources[split], self._indices[split], batch_size=self.settings.batch_size,
             mean=self._dataset.mean, std=self._dataset.std,
             generator=None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed),
-            augmentation=self.settings.use_augmentation, device=self.device,
+            augmentation=self.settings.augment, device=self.device,
             transform=None if key is None else (lambda images: morph(images, key)),
         )
 

@@ -187,15 +187,14 @@ def _derive(secret: bytes, labels) -> int:
 
 
 def _seed_value(holder_seed) -> int:
-    if isinstance(holder_seed, bool) or not isinstance(holder_seed, int) or holder_seed < 0:
-        try:
-            value = int(str(holder_seed))
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise UsageError(f"holder-seed must be a non-negative integer, got {holder_seed!r}")
-        return value
-    return holder_seed
+    """A holder seed as an integer >= 0 (node config may give it as text)."""
+    try:
+        value = -1 if isinstance(holder_seed, bool) else int(str(holder_seed))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"holder-seed must be a non-negative integer, got {holder_seed!r}")
+    return value
 
 
 def _federation_from_hex(text: str | None) -> bytes | None:

@@ -65,16 +65,11 @@ def run_command(main: Callable[[list[str] | None], int], argv: list[str] | None)
         return error.exit_code
 
 
-def new_output_folder(path: Path, results: Sequence[str]) -> Path:
-    """Refuse an --out that is a file or that already holds results, so that earlier results are never overwritten."""
-    return fresh_folder(path, results=tuple(results), create=False)
-
-
 def output_folder(out: Path | None, command: str, results: Sequence[str]) -> Path:
     """One rule for every command: without --out, a new folder per run (results/COMMAND/TIME); with --out, a folder
     that holds none of the command's results yet. Earlier results are never overwritten."""
     if out is not None:
-        return new_output_folder(out, results)
+        return fresh_folder(out, results=tuple(results), create=False)
     base = Path("results") / command / time.strftime("%Y%m%d-%H%M%S")
     candidate, number = base, 2
     while candidate.exists():

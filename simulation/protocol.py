@@ -100,10 +100,6 @@ class HolderSettings:
         values = {name: getattr(config, name) for name in HOLDER_FIELDS if name not in ("variant", "augment")}
         return cls(variant=variant, augment=config.use_augmentation, **values)
 
-    @property
-    def use_augmentation(self) -> bool:
-        return self.augment
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

@@ -117,11 +117,9 @@ shutil.rmtree(folder, ignore_errors=True)
 """
 
 
-def backend_config(config: ExperimentConfig, instance: RayInstance) -> dict:
-    return {
-        "client_resources": {"num_cpus": config.cpus_per_holder, "num_gpus": config.gpus_per_holder},
-        "init_args": instance.init_args(),
-    }
+def backend_config(config: ExperimentConfig) -> dict:
+    """Flower's Ray backend settings; Ray itself is already started by the run (RayInstance), so no init_args."""
+    return {"client_resources": {"num_cpus": config.cpus_per_holder, "num_gpus": config.gpus_per_holder}}
 
 
 def check_ray_address(address: str | None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
@@ -165,7 +163,7 @@ def run_variant(config: ExperimentConfig, run_dir: Path, variant: str, side: Hol
             server_app=build_server_app(settings),
             client_app=build_client_app(side),
             num_supernodes=config.holders,
-            backend_config=backend_config(config, instance),
+            backend_config=backend_config(config),
         )
     finally:
         instance.stop()
