@@ -2,6 +2,7 @@
 (``python -m simulation.keys compare``), whose keys come from holder-side material only (simulation.cli)."""
 
 import argparse
+import decimal
 import json
 import math
 import os
@@ -30,7 +31,9 @@ from simulation.key_table import (
     compare_keys,
     format_key_table,
     matrix_keyspace_log10,
+    order_guess_probability,
     order_keyspace_log10,
+    reciprocal_text,
     write_key_report,
 )
 
@@ -89,6 +92,52 @@ def test_the_papers_success_rate_is_one_over_64_factorial():
     assert log10 == pytest.approx(math.log10(math.factorial(64)), abs=1e-9)
     assert -log10 == pytest.approx(-89.1, abs=0.05)
     assert 10 ** -log10 == pytest.approx(7.9e-90, rel=0.01)
+
+
+def test_the_blind_guess_probability_is_one_over_beta_factorial_for_any_channel_count():
+    assert order_guess_probability(32) == pytest.approx(1 / math.factorial(32), rel=1e-12)
+    assert order_guess_probability(64) == pytest.approx(7.9e-90, rel=0.01)
+    assert order_guess_probability(170) == pytest.approx(1 / math.factorial(170), rel=1e-9)  # the last a float64 holds
+    assert order_guess_probability(None) == 1.0  # no secret order: nothing to guess
+    for channels in (171, 512, 4096):  # 10.0 ** -log10 would be 0 (or a subnormal with lost digits)
+        exact = decimal.Context(prec=20).divide(1, math.factorial(channels))
+        assert order_guess_probability(channels) == f"{exact:.2e}"
+        assert reciprocal_text(order_keyspace_log10(channels)) == f"{exact:.1e}"
+    assert order_guess_probability(512) == "2.88e-1167"
+    assert reciprocal_text(math.log10(1 / 9.96e-5)) == "1.0e-4"  # a mantissa rounding up to 10 carries
+    assert reciprocal_text(0.0) == "1"
+
+
+def table_cell(table: str, column: str, row: int = 0) -> str:
+    """One cell of format_key_table's output: cells are right-aligned under their header."""
+    header, dashes, *lines = table.splitlines()
+    end = header.index(column) + len(column)
+    return lines[row][dashes.rfind(" ", 0, end) + 1 : end].strip()
+
+
+def guess_table_row(channels, tmp_path):
+    """The printed table and keys.json of one repeated key behind a first layer of `channels` channels, in a secret
+    order."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, channels, 3, padding=1)
+    key = HolderKey.generate((1, 8, 8), family="repeated", seed=0)
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    rows = compare_keys([key], conv, images, mean=[0.5], std=[0.25], order=list(range(channels))[::-1], timing_batch=2,
+                        timing_repeats=1, timing_max_repeats=5, known_plaintext=False, metric_images=2)
+    json_path, _ = write_key_report(rows, tmp_path, [key], images, mean=[0.5], std=[0.25])
+    return format_key_table(rows), json.loads(json_path.read_text())["holders"][0]
+
+
+@pytest.mark.parametrize("channels, shown, stored", [
+    (32, f"1/32! = {1 / math.factorial(32):.1e}", 1 / math.factorial(32)),
+    (64, "1/64! = 7.9e-90", pytest.approx(7.88e-90, rel=1e-3)),  # the MpLe paper's figure (VGG-16's first layer)
+    (512, "1/512! = 2.9e-1167", "2.88e-1167"),  # a float would print 0
+])
+def test_the_table_prints_the_blind_guess_probability_and_keys_json_keeps_it(tmp_path, channels, shown, stored):
+    table, saved = guess_table_row(channels, tmp_path)
+    assert table_cell(table, "order guess P") == shown
+    assert saved["order_guess_probability"] == (pytest.approx(stored, rel=1e-9) if isinstance(stored, float) else stored)
+    assert saved["order_channels"] == channels
 
 
 def test_matrix_keyspace_counts_free_entries_per_family():
@@ -166,6 +215,8 @@ def test_compare_keys_without_enough_images_says_so(digits):
     (row,) = compare_keys([key], conv, torch.from_numpy(digits.train.images[:20]), mean=digits.mean, std=digits.std, timing_repeats=1)
     assert row["kpa_psnr_db"] is None and "needs 72" in row["kpa_note"]
     assert row["order_keyspace_log10"] == 0.0  # no secret order
+    assert row["order_guess_probability"] == 1.0 and row["order_channels"] is None
+    assert table_cell(format_key_table([row]), "order guess P") == "1"
     assert row["step_ms"] is None  # no backbone given: no training step timed
 
 
