@@ -40,6 +40,7 @@ from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
 from server.attacks.common import display_image, normalized_images, to_domain, to_pixels, write_json
+from server.attacks import ciphertext_only
 from server.attacks.known_plaintext import (
     attack_curve,
     full_rank,
@@ -47,12 +48,16 @@ from server.attacks.known_plaintext import (
     known_images_spanning,
     plaintext_rank,
 )
+from server.attacks.reversing import evaluate_reversing
 from simulation.errors import UsageError
 from simulation.imagemetrics import psnr_per_image, scale_to_reference, ssim_per_image
 
 INTEGER_ENTRY_VALUES = 255
 FLOAT32_MANTISSA_BITS = 23
 FIGURE_MAX_HOLDERS = 10
+ATTACK_IMAGES = 500  # ciphertext-only: morphed and public images, each
+ATTACK_MIN_IMAGES = 16
+REVERSING_MAX_DOMAIN = 4096  # the reversing attack reads N rows through AugConv: a 3x32x32 domain takes seconds
 
 # Timing: repeats go on until the interquartile range of each aug/plain ratio is at most this share of its median.
 TIMING_TARGET_SPREAD = 0.10
@@ -76,6 +81,8 @@ DEFINITIONS = {
     "timing_repeats": "interleaved repeats the timings are medians of: at least timing_min_repeats (unless timing_cap_s runs out first), then on until every ratio's spread is at most timing_target_spread, at most timing_max_repeats repeats or timing_cap_s seconds (timing_elapsed_s: the time taken); timing_stopped says what ended them ('settled', 'max repeats' or 'time cap'); a ratio whose spread is then above timing_target_spread is marked noisy in the table",
     "order_keyspace_log10": "log10(beta!) for a secret channel order of beta channels (order_channels), 0 without one (order_channels None)",
     "order_guess_probability": "probability that one blind guess of the channel order is right: 1/beta! (the MpLe paper's 7.9e-90 is 1/64!), 1 without a secret order (there is nothing to guess); a number while a float64 holds it (beta <= 170), beyond that a string in the same notation computed from order_keyspace_log10, e.g. '2.88e-1167' for 512 channels",
+    "ciphertext_only_residual_correlation": "the ciphertext-only attack (server.attacks.ciphertext_only) with ciphertext_only_images morphed and as many public images: the residual correlation of its reconstructions (0: nothing beyond the mean image; 1: the images); ciphertext_only_reidentification: the share of reconstructions closest to their own image; run once per attack geometry, on attack_holder's key",
+    "reversing_psnr_db": "PSNR of the images the reversing attack (server.attacks.reversing: C and the holder's AugConv) decrypts; above 30 dB it recovers them (None for domains over 4096 coordinates, not run); once per attack geometry",
     "matrix_keyspace_log10": "log10 of the number of matrices: free entries (repeated q^2, blocks N*q, dense N^2) times log10(values per entry): 255 for integer entries, 2^23 for uniform float entries (float32 mantissa)",
     "known_images_needed": "known (image, morphed image) pairs that determine the matrix on all image coordinates, for generic images: repeated ceil(q/(N/q)), blocks q, dense N (padding coordinates excluded)",
     "kpa_images": "which sample images the known-plaintext demonstration used: the first kpa_known_images as known (image, morphed image) pairs, the last ones decrypted and scored",
@@ -144,6 +151,8 @@ def compare_keys(
     known_plaintext: bool = True,
     known_plaintext_test_images: int = 8,
     sample_images: str = "sample images",
+    attack_images=None,
+    attacks: bool = True,
 ) -> list[dict]:
     """One row of public figures per holder (see the module docstring and ``DEFINITIONS``).
 
@@ -160,6 +169,9 @@ def compare_keys(
     it decrypts the last ``known_plaintext_test_images`` images with a matrix recovered from the fewest
     first images that span them (``kpa_known_images``), and from ``known_images_needed``; ``sample_images``
     names the images in the rows' ``kpa_images`` (e.g. "test split images" for a run's first 64).
+    With ``attacks``, the ciphertext-only attack (the first half of ``attack_images``, default ``images``, as the
+    holder's morphed images, the second half as public ones, up to ``ATTACK_IMAGES`` each) and the reversing attack
+    (``C`` and the holder's AugConv) run once per attack geometry, on its first holder's key (``attack_holder``).
     """
     if not keys:
         raise UsageError("no keys to compare; give at least one holder key")
@@ -170,12 +182,17 @@ def compare_keys(
     shown = normalized[:metric_images]
     conv_bytes = sum(p.numel() * p.element_size() for p in first_conv.parameters())
     timings: dict[str, dict] = {}  # per timing geometry
+    attacked: dict[str, dict] = {}  # per attack geometry
+    attack_pool = normalized if attack_images is None else normalized_images(attack_images, mean, std)
     rows = []
     for index, (key, holder_order) in enumerate(zip(keys, orders)):
         augconv = AugConv.from_conv(first_conv, key, holder_order)
         geometry = timing_geometry(key, first_conv, len(timing_images))
         if geometry not in timings:
             timings[geometry] = _time_side_by_side(first_conv, augconv, key, timing_images, backbone, plan)
+        attack_geometry = geometry.rsplit(", batch", 1)[0]
+        if attacks and attack_geometry not in attacked:
+            attacked[attack_geometry] = {"attack_holder": index, **_attack_figures(key, first_conv, holder_order, attack_pool, mean, std)}
         order_channels = None if holder_order is None else first_conv.out_channels
         row = {
             "holder": index,
@@ -192,10 +209,66 @@ def compare_keys(
             "matrix_keyspace_log10": matrix_keyspace_log10(key),
             **_known_plaintext_demo(key, normalized, mean, std, known_plaintext, known_plaintext_test_images, sample_images),
             **_morph_similarity(key, shown, mean, std),
+            **attacked.get(attack_geometry, {}),
         }
         rows.append(row)
         del augconv
     return rows
+
+
+def plot_tradeoff(rows: Sequence[dict], path: Path) -> Path:
+    """keys.png: per holder, what its key costs against what breaks it, so the trade-off shows at a glance.
+
+    Left: the training step's time over the plain model's (x) against the known (image, morphed image) pairs that
+    determine the key (y, log). Right: AugConv's memory (x, log) against the ciphertext-only attack's residual
+    correlation (y: 0 is nothing learnt beyond the mean image, 1 the images themselves). A filled marker: the
+    reversing attack (``C`` and the holder's AugConv) recovers the images; hollow: it does not.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4.2), layout="constrained")
+    cost_axes, memory_axes = figure.subplots(1, 2)
+    families = sorted({row["family"] for row in rows})
+    colours = {family: colour for family, colour in zip(families, ("tab:blue", "tab:orange", "tab:green"))}
+    points: dict[tuple, list[int]] = {}  # holders whose keys share a geometry share their figures: one marker, all labels
+    for row in rows:
+        reversed_ = row.get("reversing_psnr_db") is not None and row["reversing_psnr_db"] > 30
+        step = row.get("augconv_step_ratio") or row.get("augconv_ratio")
+        memory = row["augconv_bytes"] / 2**20
+        place = (row["family"], reversed_, step, row["known_images_needed"], memory, row.get("ciphertext_only_residual_correlation"))
+        points.setdefault(place, []).append(row["holder"])
+    for (family, reversed_, step, known, memory, co), holders in points.items():
+        colour = colours[family]
+        style = {"color": colour, "markerfacecolor": colour if reversed_ else "none", "marker": "o", "markersize": 8,
+                 "linestyle": "none"}
+        label = _holder_list(holders)
+        cost_axes.plot([step], [known], **style)
+        cost_axes.annotate(label, (step, known), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        if co is not None:
+            memory_axes.plot([memory], [co], **style)
+            memory_axes.annotate(label, (memory, co), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    for family, colour in colours.items():
+        q = sorted({row["block_size"] for row in rows if row["family"] == family})
+        memory_axes.plot([], [], "o", color=colour, label=f"{family}, q = {', '.join(map(str, q))}")
+    memory_axes.plot([], [], "o", color="grey", label="filled: reversing recovers the images")
+    memory_axes.plot([], [], "o", color="grey", markerfacecolor="none", label="hollow: reversing fails")
+    cost_axes.set_yscale("log")
+    cost_axes.set_xlabel("training step time, AugConv model / plain model (x)")
+    cost_axes.set_ylabel("known image pairs that determine the key (log)")
+    cost_axes.set_title("cost against known-plaintext strength", fontsize=9)
+    memory_axes.set_xscale("log")
+    memory_axes.set_ylim(-0.1, 1.05)
+    memory_axes.axhline(0, color="grey", linewidth=0.8)
+    memory_axes.set_xlabel("AugConv memory (MiB, log)")
+    memory_axes.set_ylabel("ciphertext-only residual correlation")
+    memory_axes.set_title("memory against ciphertext-only leakage (higher: more leaks)", fontsize=9)
+    memory_axes.legend(fontsize=7, loc="upper right")
+    for axes in (cost_axes, memory_axes):
+        axes.grid(alpha=0.3)
+    figure.suptitle("keys: what each holder's key costs, and what breaks it (one marker per holder)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
 
 
 def timing_geometry(key: HolderKey, conv: nn.Conv2d, batch: int) -> str:
@@ -254,8 +327,9 @@ def write_key_report(
     context: dict | None = None,
     figure_samples: int = 3,
     figure_holders: int = FIGURE_MAX_HOLDERS,
-) -> tuple[Path, Path]:
-    """Write ``keys.json`` (rows, context, definitions) and ``morph.png`` into ``out_dir``.
+) -> tuple[Path, Path, Path]:
+    """Write ``keys.json`` (rows, context, definitions), ``morph.png`` and ``keys.png`` (:func:`plot_tradeoff`) into
+    ``out_dir``.
 
     ``morph.png`` shows ``figure_samples`` originals and their morphed images (scaled as for the
     SSIM) for the first ``figure_holders`` holders; the title says when holders are left out.
@@ -265,10 +339,26 @@ def write_key_report(
     out_dir = Path(out_dir)
     json_path = write_json(out_dir / "keys.json", {"context": context or {}, "definitions": DEFINITIONS, "holders": list(rows)})
     figure_path = _plot_morphs(keys, normalized_images(images[:figure_samples], mean, std), mean, std, out_dir / "morph.png", figure_holders)
-    return json_path, figure_path
+    return json_path, figure_path, plot_tradeoff(rows, out_dir / "keys.png")
 
 
 # ------------------------------------------------------------------------------------------ internals
+def _attack_figures(key: HolderKey, conv: nn.Conv2d, order, pool: torch.Tensor, mean, std) -> dict:
+    """The ciphertext-only and reversing attacks on one key (their figures depend on its geometry, not its values)."""
+    half = min(len(pool) // 2, ATTACK_IMAGES)
+    figures = {"ciphertext_only_images": half, "ciphertext_only_residual_correlation": None,
+               "ciphertext_only_reidentification": None, "reversing_psnr_db": None}
+    if half >= ATTACK_MIN_IMAGES:
+        result = ciphertext_only.attack(key, pool[:half], pool[len(pool) - half:], mean=mean, std=std,
+                                        attacked=min(half, 32))["result"]
+        figures["ciphertext_only_residual_correlation"] = result["residual_correlation"]
+        figures["ciphertext_only_reidentification"] = result["reidentification"]
+    if key.size <= REVERSING_MAX_DOMAIN:
+        report = evaluate_reversing(conv, key, order, pool[:8], mean=mean, std=std)
+        figures["reversing_psnr_db"] = report["psnr_db"]
+    return figures
+
+
 def _timing_cell(row: dict, augmented_field: str, plain_field: str, ratio_field: str) -> str:
     augmented, plain = row.get(augmented_field), row.get(plain_field)
     if augmented is None:

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         description="One row per holder: fingerprint, family, q, entries, worst condition number, AugConv memory and time against "
         "the plain first convolution (timed once per key geometry, until the figures settle), brute-force key space (log10, "
         "and the chance that a blind guess of the channel order is right), known images that break the key (computed and demonstrated), "
-        "SSIM/PSNR between original and morphed images. Writes keys.json and morph.png to --out.",
+        "SSIM/PSNR between original and morphed images. Writes keys.json, morph.png and keys.png (cost against attacks, per holder) to --out.",
     )
     compare.add_argument("--holders", type=int, default=None, help="number of data holders (default 3; with --run, all the run's holders)")
     add_setup_arguments(compare)
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--timing-seconds", type=positive_seconds, default=TIMING_SECONDS, help="time cap per key geometry; "
                          f"a figure whose spread is still large then is marked noisy (default {TIMING_SECONDS:g})")
     compare.add_argument("--no-known-plaintext", action="store_true", help="skip the known-plaintext demonstration")
-    compare.add_argument("--out", type=Path, default=None, help="output folder for keys.json and morph.png, which must "
+    compare.add_argument("--out", type=Path, default=None, help="output folder for keys.json, morph.png and keys.png, which must "
                          "not hold them yet (default: a new results/keys/<time> folder)")
     return parser
 
@@ -78,7 +78,7 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # A bad timing plan is refused before the set-up draws keys and loads data.
     TimingPlan.checked(args.timing_repeats, args.timing_max_repeats, args.timing_seconds, TIMING_TARGET_SPREAD)
-    args.out = output_folder(args.out, "keys", ("keys.json", "morph.png"))
+    args.out = output_folder(args.out, "keys", ("keys.json", "morph.png", "keys.png"))
     setup = setup_from_arguments(args, holders=args.holders)
     dataset = setup.dataset
     images = torch.from_numpy(np.concatenate([dataset.train.images, dataset.test.images]))
@@ -91,8 +91,9 @@ def _main(argv: list[str] | None) -> int:
     )  # fmt: skip
     print(format_key_table(rows))
     context = setup.describe() | {"torch_threads": torch.get_num_threads(), "sample_images": f"{sample_images}: {len(images)}"}
-    json_path, figure_path = write_key_report(rows, args.out, setup.keys, images, mean=dataset.mean, std=dataset.std, context=context)
-    print(f"wrote {json_path} and {figure_path}")
+    json_path, figure_path, tradeoff_path = write_key_report(rows, args.out, setup.keys, images, mean=dataset.mean,
+                                                             std=dataset.std, context=context)
+    print(f"wrote {json_path}, {figure_path} and {tradeoff_path}")
     return 0
 
 

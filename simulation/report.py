@@ -68,7 +68,7 @@ KEY_REPORT_HOLDERS = 20
 
 def write_key_summary(config: ExperimentConfig, run_dir: Path, *, progress=print) -> list[dict]:
     """The key comparison (simulation.key_table) for the run's holders, from the keys and secrets in their own
-    folders: a table on the terminal, keys.json and morph.png, never the keys themselves. In a simulation the
+    folders: a table on the terminal, keys.json, morph.png and keys.png, never the keys themselves. In a simulation the
     launcher runs this on the holders' side of the run folder (holders/), after the federation has ended; the
     ServerApp never reads those folders."""
     placement = placement_for(config)
@@ -85,7 +85,8 @@ def write_key_summary(config: ExperimentConfig, run_dir: Path, *, progress=print
     samples = dataset.test.images[: max(64, 8 + (keys[0].block_size if config.key_family == "blocks" else 1))]
     rows = compare_keys(keys, model.first, samples, mean=dataset.mean, std=dataset.std, order=orders,
                         backbone=model.backbone, timing_repeats=3, timing_seconds=5, known_plaintext=config.key_family != "dense",
-                        sample_images="official test images")
+                        sample_images="official test images",
+                        attack_images=np.concatenate([dataset.train.images[:500], dataset.test.images[-500:]]))
     for row, holder in zip(rows, shown):
         row["holder"] = holder
     context = {"dataset": config.dataset, "model": config.model, "holders_shown": len(shown),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clients.secrets import HolderSecrets, channel_order, draw_key
-from server.attacks.common import to_pixels
+from server.attacks.common import public_mean_image, to_pixels
 from server.attacks.gradient_inversion import (
     LocalTraining,
     calibrate,
@@ -58,7 +58,7 @@ def inverted(dataset, model, sent, aligned, reply, labels, *, shuffle, iteration
     view, _ = server_view(model, sent, aligned, reply, shuffle=shuffle, **view)
     inversion = invert(model, view, labels, TRAINING, image_shape=dataset.image_shape, mean=dataset.mean, std=dataset.std,
                        restarts=1, iterations=iterations, seed=0)
-    public_mean = to_pixels(public.mean(dim=0, keepdim=True), dataset.mean, dataset.std)[0]
+    public_mean = public_mean_image(public, dataset.mean, dataset.std)
     return inversion, to_pixels(calibrate(inversion.reconstruction, public), dataset.mean, dataset.std), public_mean
 
 

@@ -124,7 +124,7 @@ def guess_table_row(channels, tmp_path):
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     rows = compare_keys([key], conv, images, mean=[0.5], std=[0.25], order=list(range(channels))[::-1], timing_batch=2,
                         timing_repeats=1, timing_max_repeats=5, known_plaintext=False, metric_images=2)
-    json_path, _ = write_key_report(rows, tmp_path, [key], images, mean=[0.5], std=[0.25])
+    json_path, _, _ = write_key_report(rows, tmp_path, [key], images, mean=[0.5], std=[0.25])
     return format_key_table(rows), json.loads(json_path.read_text())["holders"][0]
 
 
@@ -202,11 +202,15 @@ def test_compare_keys_rows_and_report(digits, tmp_path):
         assert min(row["augconv_ms"], row["conv_ms"], row["augconv_step_ms"], row["step_ms"]) > 0
     table = format_key_table(rows)
     assert all(key.fingerprint in table for key in keys)
-    json_path, png_path = write_key_report(rows, tmp_path, keys, images[:8], mean=digits.mean, std=digits.std, context={"dataset": "digits"})
+    json_path, png_path, tradeoff_path = write_key_report(rows, tmp_path, keys, images[:8], mean=digits.mean, std=digits.std, context={"dataset": "digits"})
     report = json.loads(json_path.read_text())
     assert [row["fingerprint"] for row in report["holders"]] == [key.fingerprint for key in keys]
     assert "matrix_keyspace_log10" in report["definitions"]
     assert png_path.stat().st_size > 0
+    assert repeated["ciphertext_only_residual_correlation"] > 0.8  # a repeated key falls to its block statistics
+    assert dense["ciphertext_only_residual_correlation"] < 0.3  # a dense key's do not determine it
+    assert all(row["reversing_psnr_db"] > 30 for row in rows)  # C of full row rank: every AugConv reverses
+    assert tradeoff_path.name == "keys.png" and tradeoff_path.stat().st_size > 20_000
 
 
 def test_compare_keys_without_enough_images_says_so(digits):

@@ -60,6 +60,11 @@ def reconstruction_quality(original_pixels: torch.Tensor, recovered_pixels: torc
     }
 
 
+def public_mean_image(images, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The null guess of a modality: the mean of public images (uint8 or normalised), in pixel units."""
+    return to_pixels(normalized_images(images, mean, std).double().mean(dim=0, keepdim=True), mean, std)[0]
+
+
 def image_specific_quality(original_pixels: torch.Tensor, recovered_pixels: torch.Tensor, public_mean_pixels: torch.Tensor) -> dict:
     """What a reconstruction reveals about each image beyond what the modality's mean image already gives.
 

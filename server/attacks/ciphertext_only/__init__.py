@@ -43,7 +43,14 @@ from matplotlib.figure import Figure
 
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import display_image, image_specific_quality, normalized_images, to_domain, to_pixels
+from server.attacks.common import (
+    display_image,
+    image_specific_quality,
+    normalized_images,
+    public_mean_image,
+    to_domain,
+    to_pixels,
+)
 from simulation.errors import UsageError
 
 REFINE_MAX_Q = 256
@@ -175,7 +182,7 @@ def attack(key: HolderKey, holder_images, public_images, *, mean: Sequence[float
     seconds = time.perf_counter() - start
     scored = slice(0, attacked or len(holder))
     truth = to_pixels(plain[scored], mean, std, key.padding)
-    public_mean = to_pixels(public.mean(dim=0, keepdim=True), mean, std, key.padding)[0]
+    public_mean = public_mean_image(public_images, mean, std)
     reconstructions = {name: to_pixels(decrypt(morphed[scored], blocks, key.family), mean, std, key.padding)
                        for name, blocks in estimates.items()}
     reconstructions["identity_guess"] = to_pixels(identity_guess(morphed[scored], public), mean, std, key.padding)

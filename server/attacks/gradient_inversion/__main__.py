@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from server.attacks.common import normalized_images, to_pixels, write_json
+from server.attacks.common import normalized_images, public_mean_image, to_pixels, write_json
 from server.attacks.gradient_inversion import (
     LocalTraining,
     calibrate,
@@ -88,7 +88,7 @@ def _main(argv: list[str] | None) -> int:
     sent, aligned, reply = holder_round(model, images, labels, training, key=key, order=order, shuffle=shuffle,
                                         shared=shared, seed=args.seed)
     truth = to_pixels(images, dataset.mean, dataset.std)
-    public_mean = to_pixels(public.mean(dim=0, keepdim=True), dataset.mean, dataset.std)[0]
+    public_mean = public_mean_image(public, dataset.mean, dataset.std)
     views = {"server": {"clip": args.dp_clip if args.dp == "client" else None, "noise": 0.0}}
     if args.dp is not None:
         views["released"] = {"clip": args.dp_clip, "noise": args.dp_noise}

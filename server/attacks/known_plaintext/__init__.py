@@ -35,7 +35,14 @@ from matplotlib.ticker import FuncFormatter
 
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import data_coordinates, normalized_images, reconstruction_quality, to_domain, to_pixels
+from server.attacks.common import (
+    data_coordinates,
+    image_specific_quality,
+    normalized_images,
+    public_mean_image,
+    to_domain,
+    to_pixels,
+)
 from simulation.errors import UsageError
 
 # Morphed images travel as float32 (rounding error 6e-8 of each value): along directions of the known
@@ -180,12 +187,14 @@ def attack_curve(
     std: Sequence[float],
     known_counts: Sequence[int],
     test_images: int,
+    public_images=None,
 ) -> list[dict]:
     """Run the attack with each number of known images; score the decryption of other images.
 
     ``images`` (uint8, or already normalised floats) are this holder's: the first ``max(known_counts)``
     are the known pairs, the last ``test_images`` are decrypted and scored (PSNR and SSIM in pixel
-    units, see :mod:`server.attacks.common`). The holder morphs in float32, as in training. Each point
+    units, see :mod:`server.attacks.common`) beside the null guess, the mean of ``public_images`` (default: every
+    image but the decrypted ones). The holder morphs in float32, as in training. Each point
     has the ``rank`` the known images reached (out of :func:`full_rank`): below it, the images they do
     not span come back as projections.
     """
@@ -196,6 +205,7 @@ def attack_curve(
             f"{largest} known and {test_images} test images need {largest + test_images} images, only {len(normalized)} given; "
             "lower the known counts or the test images, or use a larger dataset"
         )
+    null_mean = public_mean_image(normalized[:-test_images] if public_images is None else public_images, mean, std)
     normalized = torch.cat([normalized[:largest], normalized[-test_images:]])  # morph only the images used
     morphed = morph(normalized, key)  # float32, what the holder hands to training
     plain = to_domain(normalized, key.padding)
@@ -210,7 +220,7 @@ def attack_curve(
             {
                 "known_images": count,
                 "rank": recovered.rank,
-                **reconstruction_quality(test_original, decrypted),
+                **image_specific_quality(test_original, decrypted, null_mean),
                 "matrix_error": matrix_error(recovered, key),
                 "seconds": seconds,
             }

@@ -40,7 +40,10 @@ def _main(argv: list[str] | None) -> int:
           f"the last {args.test_images} images with the matrix recovered from the first k")
     for point in curve:
         print(f"k = {point['known_images']:>5}: rank {point['rank']}/{rank}  PSNR {point['psnr_db']:7.2f} dB  "
-              f"SSIM {point['ssim']:.4f}  matrix error {point['matrix_error']:.2e}")
+              f"SSIM {point['ssim']:.4f}  residual corr {point['residual_correlation']:.3f}  re-id "
+              f"{point['reidentification']:.2f}  matrix error {point['matrix_error']:.2e}")
+    print(f"null guess (the mean of the other images): PSNR {curve[0]['null_psnr_db']:.2f} dB, SSIM {curve[0]['null_ssim']:.4f}; "
+          f"re-identification chance {curve[0]['chance']:.3f}")
     if any(point["rank"] < rank for point in curve):
         print(f"(a rank below {rank}: the known images' rows span only part of the key's domain, so the recovered "
               "matrix is wrong outside it (the matrix error), yet images whose rows lie in that span, such as the "

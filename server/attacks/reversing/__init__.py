@@ -41,7 +41,7 @@ from torch import nn
 from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
-from server.attacks.common import normalized_images, reconstruction_quality, to_domain, to_pixels
+from server.attacks.common import image_specific_quality, normalized_images, public_mean_image, to_domain, to_pixels
 from simulation.errors import UsageError
 
 PROBE_CHUNK = 256
@@ -133,10 +133,12 @@ def evaluate_reversing(
     mean: Sequence[float],
     std: Sequence[float],
     seed: int = 0,
+    public_images=None,
 ) -> dict:
     """Build the holder's AugConv, attack it, and score the result against the truth.
 
-    ``images`` (uint8 or normalised floats) are the holder's, decrypted from their float32 morphed form.
+    ``images`` (uint8 or normalised floats) are the holder's, decrypted from their float32 morphed form;
+    ``public_images`` (default: ``images`` themselves) give the mean image of the null guess.
     """
     true_order = list(range(conv.out_channels)) if order is None else [int(c) for c in order]
     augconv = AugConv.from_conv(conv, key, true_order)
@@ -155,7 +157,7 @@ def evaluate_reversing(
         "domain_size": result.domain_size,
         "compressed_columns": result.compressed_columns,
         "inverse_matrix_error": float((result.inverse - truth).norm() / truth.norm()),
-        **reconstruction_quality(original, decrypted),
+        **image_specific_quality(original, decrypted, public_mean_image(images if public_images is None else public_images, mean, std)),
         "decrypted_images": len(normalized),
         "seconds": result.seconds,
         **result.details,

@@ -1,0 +1,117 @@
+"""Re-run the attacks behind docs/privacy.md's tables and print them as Markdown.
+
+    python -m benchmarks.privacy gradient ciphertext --data ../shared/data --out results/privacy
+
+Each cell is one attack command (printed before it runs, and in the table), so every figure can be reproduced
+alone. A finished command (its JSON exists) is not run again. Keys come from ``--holder-seed 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+GRADIENT_SCENARIOS = {
+    "plain FL (baseline), --shuffle federation": ["--variant", "baseline", "--shuffle", "federation"],
+    "MpLe, --shuffle federation": ["--variant", "mple", "--shuffle", "federation"],
+    "MpLe, --shuffle holder": ["--variant", "mple", "--shuffle", "holder"],
+    "MpLe, --local-layers classifier": ["--variant", "mple", "--shuffle", "federation", "--local-layers", "classifier"],
+    "MpLe, --dp client, noise 0.01": ["--variant", "mple", "--shuffle", "federation", "--dp", "client", "--dp-noise", "0.01"],
+    "MpLe, --dp client, noise 0.1": ["--variant", "mple", "--shuffle", "federation", "--dp", "client", "--dp-noise", "0.1"],
+}
+GRADIENT_ROUNDS = [(1, 1), (4, 1), (16, 1), (1, 4), (4, 4)]  # (batch size, local steps); 4 steps: the holder's epoch
+CIPHERTEXT_KEYS = [("repeated", 1), ("repeated", 2), ("repeated", 4), ("blocks", 1), ("dense", None)]  # q: width / divisor
+
+
+def gradient_cells(data: Path, iterations: int, restarts: int) -> list[tuple[str, str, str, list[str]]]:
+    dataset = ["--dataset", f"npz:{data / 'pneumoniamnist.npz'}", "--holder-seed", "0", "--seed", "0",
+               "--iterations", str(iterations), "--restarts", str(restarts)]
+    cells = []
+    for label, flags in GRADIENT_SCENARIOS.items():
+        for batch, steps in GRADIENT_ROUNDS:
+            name = f"gi-{_slug(label)}-b{batch}-k{steps}"
+            cells.append(("gradient_inversion", name, f"{label} | {batch} x {steps}",
+                          [*dataset, *flags, "--batch-size", str(batch), "--local-steps", str(steps)]))
+    return cells
+
+
+def ciphertext_cells(data: Path) -> list[tuple[str, str, str, list[str]]]:
+    cells = []
+    for dataset_label, spec, width in (("PneumoniaMNIST", f"npz:{data / 'pneumoniamnist.npz'}", 28),
+                                       ("CIFAR-10 subset", f"npz:{data / 'cifar10-subset.npz'}", 32)):
+        for family, divisor in CIPHERTEXT_KEYS:
+            q = None if divisor is None else width // divisor
+            flags = ["--dataset", spec, "--key-family", family, "--holder-seed", "0", "--seed", "0",
+                     "--holder-images", "100,300,1000", "--public-images", "100,300,1000"]
+            if q is not None:
+                flags += ["--block-size", str(q)]
+            name = f"co-{_slug(dataset_label)}-{family}-q{q or 'default'}"
+            cells.append(("ciphertext_only", name, f"{dataset_label} | {family} | {q or 'default'}", flags))
+    return cells
+
+
+def run(attack: str, name: str, flags: list[str], out: Path) -> dict:
+    folder = out / name
+    result = folder / f"{attack}.json"
+    if not result.exists():
+        command = [sys.executable, "-m", f"server.attacks.{attack}", *flags, "--out", str(folder)]
+        print("$", shlex.join(command[1:]), flush=True)
+        subprocess.run(command, check=True)
+    return json.loads(result.read_text())
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def _rate(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def gradient_table(results: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| configuration | batch x steps | view | SSIM (null) | PSNR dB (null) | corr (null) | residual corr | re-id (chance) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, result in results:
+        for view, figures in result["views"].items():
+            lines.append(f"| {label} | {view} | {figures['ssim']:.2f} ({figures['null_ssim']:.2f}) | "
+                         f"{figures['psnr_db']:.1f} ({figures['null_psnr_db']:.1f}) | {figures['correlation']:.2f} "
+                         f"({figures['null_correlation']:.2f}) | {figures['residual_correlation']:.2f} | "
+                         f"{_rate(figures['reidentification'])} ({figures['chance']:.2f}) |")
+    return lines
+
+
+def ciphertext_table(results: list[tuple[str, dict]]) -> list[str]:
+    lines = ["| dataset | family | q | morphed / public images | SSIM (null) | corr (null) | residual corr | re-id (chance) | identity guess: residual corr |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, result in results:
+        lines.append(f"| {label} | {result['holder_images']} / {result['public_images']} | {result['ssim']:.2f} "
+                     f"({result['null_ssim']:.2f}) | {result['correlation']:.2f} ({result['null_correlation']:.2f}) | "
+                     f"{result['residual_correlation']:.2f} | {_rate(result['reidentification'])} ({result['chance']:.3f}) | "
+                     f"{result['identity_guess']['residual_correlation']:.2f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.privacy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("suites", nargs="+", choices=("gradient", "ciphertext"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="folder with the npz files")
+    parser.add_argument("--out", type=Path, default=Path("results/privacy"), help="one subfolder per command")
+    parser.add_argument("--iterations", type=int, default=500, help="gradient inversion: Adam iterations per restart")
+    parser.add_argument("--restarts", type=int, default=1, help="gradient inversion: restarts")
+    args = parser.parse_args(argv)
+    for suite in args.suites:
+        cells = gradient_cells(args.data, args.iterations, args.restarts) if suite == "gradient" else ciphertext_cells(args.data)
+        results = [(label, run(attack, name, flags, args.out)) for attack, name, label, flags in cells]
+        table = gradient_table(results) if suite == "gradient" else ciphertext_table(results)
+        print("\n".join(table))
+        (args.out / f"{suite}.md").write_text("\n".join(table) + "\n")
+        print("commands: python -m server.attacks.<attack> with the flags above; each cell's folder:", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
