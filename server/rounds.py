@@ -131,7 +131,9 @@ class RoundLoop:
 
     def align_channel_order(self) -> None:
         """With one federation-wide channel order, the initial backbone must be brought into that order once; a
-        holder does it (the server never learns the order from this alone: see docs/privacy.md)."""
+        holder does it. The reply is the server's own initial backbone reindexed by the order, so the server can read
+        the order off it exactly (server.attacks.gradient_inversion.order_from_alignment; docs/privacy.md): the
+        federation order hides nothing from the server, --shuffle holder keeps the order-sensitive layers local."""
         first = self.grid.get_node_ids()[0]
         (reply,) = self._query([first], **{ACTION: "align", PLAIN_ORDER: True})
         if reply.has_error():

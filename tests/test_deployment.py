@@ -147,6 +147,15 @@ def test_a_relative_preset_resolves_against_the_project(tmp_path, monkeypatch):
     assert settings.config == expected
 
 
+def test_every_preset_builds_and_the_hardened_one_keeps_what_the_measurements_chose():
+    presets = {path.stem: build_config({}, path) for path in sorted((PROJECT_ROOT / "configs").glob("*.toml"))}
+    assert {"default", "hardened", "pneumonia"} <= set(presets)
+    hardened, pneumonia = presets["hardened"], presets["pneumonia"]
+    assert (hardened.key_family, hardened.shuffle) == ("dense", "holder")  # docs/privacy.md, the strongest configuration
+    same_federation = ("dataset", "holders", "rounds", "local_epochs", "batch_size", "lr", "partition", "public_fraction")
+    assert all(getattr(hardened, name) == getattr(pneumonia, name) for name in same_federation)
+
+
 def test_the_project_is_a_valid_flower_app_whose_bundle_holds_the_code_only():
     from flwr.cli.build import build_fab_from_disk
     from flwr.cli.config_utils import load_and_validate
