@@ -73,25 +73,34 @@ def _rate(value) -> str:
 
 
 def gradient_table(results: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| configuration | batch x steps | view | SSIM (null) | PSNR dB (null) | corr (null) | residual corr | re-id (chance) |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per configuration and view, one column per (batch size, local steps): the residual correlation, and
+    for batches the re-identification rate over its chance level."""
+    columns = [f"{batch} x {steps}" for batch, steps in GRADIENT_ROUNDS]
+    cells: dict[tuple[str, str], dict[str, str]] = {}
     for label, result in results:
+        configuration, rounds = label.split(" | ")
         for view, figures in result["views"].items():
-            lines.append(f"| {label} | {view} | {figures['ssim']:.2f} ({figures['null_ssim']:.2f}) | "
-                         f"{figures['psnr_db']:.1f} ({figures['null_psnr_db']:.1f}) | {figures['correlation']:.2f} "
-                         f"({figures['null_correlation']:.2f}) | {figures['residual_correlation']:.2f} | "
-                         f"{_rate(figures['reidentification'])} ({figures['chance']:.2f}) |")
+            rate = "" if figures["reidentification"] is None else f" ({figures['reidentification']:.2f}/{figures['chance']:.2f})"
+            cells.setdefault((configuration, view), {})[rounds] = f"{figures['residual_correlation']:.2f}{rate}"
+    lines = ["| configuration | view | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for (configuration, view), row in cells.items():
+        lines.append(f"| {configuration} | {view} | " + " | ".join(row.get(column, "") for column in columns) + " |")
     return lines
 
 
 def ciphertext_table(results: list[tuple[str, dict]]) -> list[str]:
-    lines = ["| dataset | family | q | morphed / public images | SSIM (null) | corr (null) | residual corr | re-id (chance) | identity guess: residual corr |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | family | q | SSIM (null) | corr (null) | residual corr | re-id (chance) | identity guess: residual corr "
+             "| residual corr by morphed images 100 / 300 (1000 public) | by public images 100 / 300 (1000 morphed) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, result in results:
-        lines.append(f"| {label} | {result['holder_images']} / {result['public_images']} | {result['ssim']:.2f} "
-                     f"({result['null_ssim']:.2f}) | {result['correlation']:.2f} ({result['null_correlation']:.2f}) | "
-                     f"{result['residual_correlation']:.2f} | {_rate(result['reidentification'])} ({result['chance']:.3f}) | "
-                     f"{result['identity_guess']['residual_correlation']:.2f} |")
+        curve = {(p["holder_images"], p["public_images"]): p["residual_correlation"] for p in result["curve"]}
+        most_holder, most_public = result["holder_images"], result["public_images"]
+        by_holder = " / ".join(f"{curve[(h, most_public)]:.2f}" for h in sorted(h for h, p in curve if p == most_public and h != most_holder))
+        by_public = " / ".join(f"{curve[(most_holder, p)]:.2f}" for p in sorted(p for h, p in curve if h == most_holder and p != most_public))
+        lines.append(f"| {label} | {result['ssim']:.2f} ({result['null_ssim']:.2f}) | {result['correlation']:.2f} "
+                     f"({result['null_correlation']:.2f}) | **{result['residual_correlation']:.2f}** | "
+                     f"{_rate(result['reidentification'])} ({result['chance']:.3f}) | "
+                     f"{result['identity_guess']['residual_correlation']:.2f} | {by_holder} | {by_public} |")
     return lines
 
 

@@ -57,7 +57,7 @@ FLOAT32_MANTISSA_BITS = 23
 FIGURE_MAX_HOLDERS = 10
 ATTACK_IMAGES = 500  # ciphertext-only: morphed and public images, each
 ATTACK_MIN_IMAGES = 16
-REVERSING_MAX_DOMAIN = 4096  # the reversing attack reads N rows through AugConv: a 3x32x32 domain takes seconds
+REVERSING_MAX_DOMAIN = 1024  # the reversing attack reads N rows through AugConv: a 3x32x32 domain takes about a minute
 
 # Timing: repeats go on until the interquartile range of each aug/plain ratio is at most this share of its median.
 TIMING_TARGET_SPREAD = 0.10
@@ -82,7 +82,7 @@ DEFINITIONS = {
     "order_keyspace_log10": "log10(beta!) for a secret channel order of beta channels (order_channels), 0 without one (order_channels None)",
     "order_guess_probability": "probability that one blind guess of the channel order is right: 1/beta! (the MpLe paper's 7.9e-90 is 1/64!), 1 without a secret order (there is nothing to guess); a number while a float64 holds it (beta <= 170), beyond that a string in the same notation computed from order_keyspace_log10, e.g. '2.88e-1167' for 512 channels",
     "ciphertext_only_residual_correlation": "the ciphertext-only attack (server.attacks.ciphertext_only) with ciphertext_only_images morphed and as many public images: the residual correlation of its reconstructions (0: nothing beyond the mean image; 1: the images); ciphertext_only_reidentification: the share of reconstructions closest to their own image; run once per attack geometry, on attack_holder's key",
-    "reversing_psnr_db": "PSNR of the images the reversing attack (server.attacks.reversing: C and the holder's AugConv) decrypts; above 30 dB it recovers them (None for domains over 4096 coordinates, not run); once per attack geometry",
+    "reversing_psnr_db": "PSNR of the images the reversing attack (server.attacks.reversing: C and the holder's AugConv) decrypts; above 30 dB it recovers them (None for domains over REVERSING_MAX_DOMAIN = 1024 coordinates: not run, as it reads N rows through AugConv); once per attack geometry",
     "matrix_keyspace_log10": "log10 of the number of matrices: free entries (repeated q^2, blocks N*q, dense N^2) times log10(values per entry): 255 for integer entries, 2^23 for uniform float entries (float32 mantissa)",
     "known_images_needed": "known (image, morphed image) pairs that determine the matrix on all image coordinates, for generic images: repeated ceil(q/(N/q)), blocks q, dense N (padding coordinates excluded)",
     "kpa_images": "which sample images the known-plaintext demonstration used: the first kpa_known_images as known (image, morphed image) pairs, the last ones decrypted and scored",
@@ -232,15 +232,16 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> Path:
     colours = {family: colour for family, colour in zip(families, ("tab:blue", "tab:orange", "tab:green"))}
     points: dict[tuple, list[int]] = {}  # holders whose keys share a geometry share their figures: one marker, all labels
     for row in rows:
-        reversed_ = row.get("reversing_psnr_db") is not None and row["reversing_psnr_db"] > 30
+        reversing = row.get("reversing_psnr_db")
+        reversed_ = None if reversing is None else reversing > 30
         step = row.get("augconv_step_ratio") or row.get("augconv_ratio")
         memory = row["augconv_bytes"] / 2**20
         place = (row["family"], reversed_, step, row["known_images_needed"], memory, row.get("ciphertext_only_residual_correlation"))
         points.setdefault(place, []).append(row["holder"])
     for (family, reversed_, step, known, memory, co), holders in points.items():
         colour = colours[family]
-        style = {"color": colour, "markerfacecolor": colour if reversed_ else "none", "marker": "o", "markersize": 8,
-                 "linestyle": "none"}
+        style = {"color": colour, "markerfacecolor": colour if reversed_ else "none", "marker": "o" if reversed_ is not None else "s",
+                 "markersize": 8, "linestyle": "none"}
         label = _holder_list(holders)
         cost_axes.plot([step], [known], **style)
         cost_axes.annotate(label, (step, known), textcoords="offset points", xytext=(5, 3), fontsize=7)
@@ -252,6 +253,9 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> Path:
         memory_axes.plot([], [], "o", color=colour, label=f"{family}, q = {', '.join(map(str, q))}")
     memory_axes.plot([], [], "o", color="grey", label="filled: reversing recovers the images")
     memory_axes.plot([], [], "o", color="grey", markerfacecolor="none", label="hollow: reversing fails")
+    if any(row.get("reversing_psnr_db") is None for row in rows):
+        memory_axes.plot([], [], "s", color="grey", markerfacecolor="none",
+                         label=f"square: reversing not run (domain over {REVERSING_MAX_DOMAIN})")
     cost_axes.set_yscale("log")
     cost_axes.set_xlabel("training step time, AugConv model / plain model (x)")
     cost_axes.set_ylabel("known image pairs that determine the key (log)")

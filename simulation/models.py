@@ -140,6 +140,14 @@ def order_sensitive_keys(model: SplitModel) -> list[str]:
     return [key for key in model.backbone.state_dict() if _matching_prefix(model, key) is not None]
 
 
+def channel_dim(model: SplitModel, key: str) -> int:
+    """The dimension of an order-sensitive backbone entry that is indexed by the first conv's output channels."""
+    prefix = _matching_prefix(model, key)
+    if prefix is None:
+        raise KeyError(f"{key} is not indexed by the first layer's channels")
+    return model.channel_dims[prefix]
+
+
 def permute_first_layer_channels(model: SplitModel, order: Sequence[int] | torch.Tensor) -> None:
     """Reorder the first conv's output channels to `order` without changing the function the model computes.
 
@@ -161,7 +169,7 @@ def permute_first_layer_channels(model: SplitModel, order: Sequence[int] | torch
         if model.first.bias is not None:
             _reindex(model.first.bias, 0, index)
         for key in order_sensitive_keys(model):
-            _reindex(entries[key], model.channel_dims[_matching_prefix(model, key)], index)
+            _reindex(entries[key], channel_dim(model, key), index)
 
 
 def _reindex(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:

@@ -62,7 +62,7 @@ from clients.morphing import morph
 from server.attacks.common import display_image, image_specific_quality, to_pixels
 from simulation.errors import UsageError
 from simulation.imagemetrics import psnr_per_image, ssim_per_image
-from simulation.models import SplitModel, _matching_prefix, order_sensitive_keys, permute_first_layer_channels
+from simulation.models import SplitModel, channel_dim, order_sensitive_keys, permute_first_layer_channels
 from simulation.training import train_epochs
 
 SHUFFLE_VIEWS = ("federation", "holder", "none")
@@ -135,7 +135,7 @@ def order_from_alignment(model: SplitModel, aligned: dict[str, torch.Tensor]) ->
     for name in order_sensitive_keys(model):
         if plain[name].dim() == 0:  # batch-norm's step counter: not indexed by channel
             continue
-        dim = model.channel_dims[_matching_prefix(model, name)]
+        dim = channel_dim(model, name)
         slices_plain.append(plain[name].double().movedim(dim, 0).reshape(plain[name].shape[dim], -1))
         slices_aligned.append(aligned[name].double().movedim(dim, 0).reshape(plain[name].shape[dim], -1))
     cost = torch.cdist(torch.cat(slices_aligned, dim=1), torch.cat(slices_plain, dim=1))
@@ -272,7 +272,7 @@ def plot_reconstructions(truth: torch.Tensor, reconstruction: torch.Tensor, assi
                          title: str, count: int = 8) -> Path:
     """True images above their assigned reconstructions."""
     count = min(count, len(truth))
-    figure = Figure(figsize=(1.5 * count, 3.6), layout="constrained")
+    figure = Figure(figsize=(max(1.5 * count, 5.0), 4.0), layout="constrained")
     axes = figure.subplots(2, count, squeeze=False)
     for column in range(count):
         for row, image in enumerate((truth[column], reconstruction[assignment[column]])):

@@ -87,6 +87,14 @@ def _main(argv: list[str] | None) -> int:
     order = range(model.first.out_channels) if setup.orders is None else setup.orders[args.holder]
     sent, aligned, reply = holder_round(model, images, labels, training, key=key, order=order, shuffle=shuffle,
                                         shared=shared, seed=args.seed)
+    order_check = None
+    if shuffle == "holder":  # what the round-1 reply says about the holder's own order: rerun with another order
+        other = torch.randperm(model.first.out_channels, generator=torch.Generator().manual_seed(args.seed + 1))
+        _, _, other_reply = holder_round(model, images, labels, training, key=key, order=other, shuffle=shuffle,
+                                         shared=shared, seed=args.seed)
+        order_check = max(float((reply[name] - other_reply[name]).abs().max()) for name in reply)
+        print(f"the round-1 reply under another holder order differs by at most {order_check:.2e} (float rounding): "
+              "it carries nothing about the holder's order, and the local layers are the initial values the server sent")
     truth = to_pixels(images, dataset.mean, dataset.std)
     public_mean = public_mean_image(public, dataset.mean, dataset.std)
     views = {"server": {"clip": args.dp_clip if args.dp == "client" else None, "noise": 0.0}}
@@ -117,7 +125,7 @@ def _main(argv: list[str] | None) -> int:
         "attack": "gradient_inversion", **setup.describe(), "holder": args.holder, "variant": args.variant,
         "shuffle": shuffle, "local_layers": local_layers, "dp": args.dp, "dp_noise": args.dp_noise if args.dp else None,
         "dp_clip": args.dp_clip if args.dp else None, "batch_size": args.batch_size, "local_steps": args.local_steps,
-        "training": vars(training), "shared_entries": len(shared), "labels": "given to the attack (upper bound)",
+        "training": vars(training), "shared_entries": len(shared), "reply_change_under_another_holder_order": order_check, "labels": "given to the attack (upper bound)",
         "images": f"holder: {count} train images drawn with --seed {args.seed}; public: the last {args.public_images} test images",
         **{name: main_view[name] for name in ("ssim", "psnr_db", "correlation", "null_ssim", "null_psnr_db", "null_correlation",
                                               "residual_correlation", "reidentification", "chance")},
@@ -125,8 +133,8 @@ def _main(argv: list[str] | None) -> int:
         "attack_settings": {"restarts": args.restarts, "iterations": args.iterations, "tv_weight": args.tv_weight},
     }  # fmt: skip
     json_path = write_json(args.out / "gradient_inversion.json", summary)
-    title = (f"gradient inversion of {dataset.name} ({args.variant}, shuffle {shuffle}, DP {args.dp or 'off'}, "
-             f"{args.local_steps} step(s) x {args.batch_size} image(s)), server view\nbest-match SSIM "
+    title = (f"gradient inversion of {dataset.name}: {args.variant}, shuffle {shuffle}, DP {args.dp or 'off'}\n"
+             f"{args.local_steps} local step(s) of {args.batch_size} image(s); the server's view\nbest-match SSIM "
              f"{main_view['ssim']:.2f} (null guess {main_view['null_ssim']:.2f}), residual correlation "
              f"{main_view['residual_correlation']:.2f}")
     plot_path = plot_reconstructions(truth, shown[0], shown[1], args.out / "gradient_inversion.png", title=title)
