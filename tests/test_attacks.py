@@ -87,6 +87,10 @@ def test_known_plaintext_does_not_recover_a_dense_key_from_ten_images(cifar16):
     assert few["psnr_db"] < 25 and few["ssim"] < 0.6
     assert few["matrix_error"] > 0.5
     assert enough["psnr_db"] >= 50  # with N known images it does break
+    # what is specific to each image: the broken key re-identifies every image, ten known ones much less
+    assert enough["residual_correlation"] > 0.99 and enough["reidentification"] == 1.0 and enough["chance"] == 1 / 16
+    assert few["residual_correlation"] < enough["residual_correlation"] - 0.2
+    assert 0 < few["null_ssim"] < 1 and few["null_correlation"] > 0  # the mean image resembles every CIFAR image a little
 
 
 def test_known_plaintext_blocks_needs_q_images():
@@ -166,6 +170,7 @@ def test_reversing_fails_without_full_row_rank():
     report = evaluate_reversing(conv, key, [1, 0], random_images(4, (3, 8, 8)), mean=(0.5,) * 3, std=(0.25,) * 3)
     assert not report["full_row_rank"]
     assert report["psnr_db"] < 30
+    assert report["reidentification"] < 1.0 and report["chance"] == 0.25
 
 
 def test_reversing_command(tmp_path):
