@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server.attacks.common import rate_text
+
 GRADIENT_SCENARIOS = {
     "plain FL (baseline), --shuffle federation": ["--variant", "baseline", "--shuffle", "federation"],
     "MpLe, --shuffle federation": ["--variant", "mple", "--shuffle", "federation"],
@@ -64,15 +66,17 @@ def run(attack: str, name: str, flags: list[str], out: Path) -> dict:
         command = [sys.executable, "-m", f"server.attacks.{attack}", *flags, "--out", str(folder)]
         print("$", shlex.join(command[1:]), flush=True)
         subprocess.run(command, check=True)
-    return json.loads(result.read_text())
+    figures = json.loads(result.read_text())
+    settings = figures.get("attack_settings", {})
+    for flag, name in (("--iterations", "iterations"), ("--restarts", "restarts")):
+        if flag in flags and settings.get(name) != int(flags[flags.index(flag) + 1]):
+            raise SystemExit(f"error: {result} was made with {name} {settings.get(name)}, not {flags[flags.index(flag) + 1]}; "
+                             "give another --out or remove that folder")
+    return figures
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
-
-
-def _rate(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def gradient_table(results: list[tuple[str, dict]]) -> list[str]:
@@ -102,7 +106,7 @@ def ciphertext_table(results: list[tuple[str, dict]]) -> list[str]:
         by_public = " / ".join(f"{curve[(most_holder, p)]:.2f}" for p in sorted(p for h, p in curve if h == most_holder and p != most_public))
         lines.append(f"| {label} | {result['ssim']:.2f} ({result['null_ssim']:.2f}) | {result['correlation']:.2f} "
                      f"({result['null_correlation']:.2f}) | **{result['residual_correlation']:.2f}** | "
-                     f"{_rate(result['reidentification'])} ({result['chance']:.3f}) | "
+                     f"{rate_text(result['reidentification'])} ({result['chance']:.3f}) | "
                      f"{result['identity_guess']['residual_correlation']:.2f} | {by_holder} | {by_public} |")
     return lines
 

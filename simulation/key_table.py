@@ -57,6 +57,7 @@ FLOAT32_MANTISSA_BITS = 23
 FIGURE_MAX_HOLDERS = 10
 ATTACK_IMAGES = 500  # ciphertext-only: morphed and public images, each
 ATTACK_MIN_IMAGES = 16
+RECOVERED_PSNR_DB = 30  # a reconstruction this close is the image, for keys.png's filled markers
 REVERSING_MAX_DOMAIN = 1024  # the reversing attack reads N rows through AugConv: a 3x32x32 domain takes about a minute
 
 # Timing: repeats go on until the interquartile range of each aug/plain ratio is at most this share of its median.
@@ -82,7 +83,7 @@ DEFINITIONS = {
     "order_keyspace_log10": "log10(beta!) for a secret channel order of beta channels (order_channels), 0 without one (order_channels None)",
     "order_guess_probability": "probability that one blind guess of the channel order is right: 1/beta! (the MpLe paper's 7.9e-90 is 1/64!), 1 without a secret order (there is nothing to guess); a number while a float64 holds it (beta <= 170), beyond that a string in the same notation computed from order_keyspace_log10, e.g. '2.88e-1167' for 512 channels",
     "ciphertext_only_residual_correlation": "the ciphertext-only attack (server.attacks.ciphertext_only) with ciphertext_only_images morphed and as many public images: the residual correlation of its reconstructions (0: nothing beyond the mean image; 1: the images); ciphertext_only_reidentification: the share of reconstructions closest to their own image; run once per attack geometry, on attack_holder's key",
-    "reversing_psnr_db": "PSNR of the images the reversing attack (server.attacks.reversing: C and the holder's AugConv) decrypts; above 30 dB it recovers them (None for domains over REVERSING_MAX_DOMAIN = 1024 coordinates: not run, as it reads N rows through AugConv); once per attack geometry",
+    "reversing_psnr_db": "PSNR of the images the reversing attack (server.attacks.reversing: C and the holder's AugConv) decrypts; above RECOVERED_PSNR_DB = 30 dB it recovers them (None for domains over REVERSING_MAX_DOMAIN = 1024 coordinates: not run, as it reads N rows through AugConv); once per attack geometry",
     "matrix_keyspace_log10": "log10 of the number of matrices: free entries (repeated q^2, blocks N*q, dense N^2) times log10(values per entry): 255 for integer entries, 2^23 for uniform float entries (float32 mantissa)",
     "known_images_needed": "known (image, morphed image) pairs that determine the matrix on all image coordinates, for generic images: repeated ceil(q/(N/q)), blocks q, dense N (padding coordinates excluded)",
     "kpa_images": "which sample images the known-plaintext demonstration used: the first kpa_known_images as known (image, morphed image) pairs, the last ones decrypted and scored",
@@ -182,7 +183,7 @@ def compare_keys(
     shown = normalized[:metric_images]
     conv_bytes = sum(p.numel() * p.element_size() for p in first_conv.parameters())
     timings: dict[str, dict] = {}  # per timing geometry
-    attacked: dict[str, dict] = {}  # per attack geometry
+    attacked: dict[tuple, dict] = {}  # per attack geometry: what the attacks depend on, the batch aside
     attack_pool = normalized if attack_images is None else normalized_images(attack_images, mean, std)
     rows = []
     for index, (key, holder_order) in enumerate(zip(keys, orders)):
@@ -190,7 +191,7 @@ def compare_keys(
         geometry = timing_geometry(key, first_conv, len(timing_images))
         if geometry not in timings:
             timings[geometry] = _time_side_by_side(first_conv, augconv, key, timing_images, backbone, plan)
-        attack_geometry = geometry.rsplit(", batch", 1)[0]
+        attack_geometry = (key.family, key.block_size, tuple(key.image_shape), key.padding, tuple(first_conv.weight.shape))
         if attacks and attack_geometry not in attacked:
             attacked[attack_geometry] = {"attack_holder": index, **_attack_figures(key, first_conv, holder_order, attack_pool, mean, std)}
         order_channels = None if holder_order is None else first_conv.out_channels
@@ -233,8 +234,8 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> Path:
     points: dict[tuple, list[int]] = {}  # holders whose keys share a geometry share their figures: one marker, all labels
     for row in rows:
         reversing = row.get("reversing_psnr_db")
-        reversed_ = None if reversing is None else reversing > 30
-        step = row.get("augconv_step_ratio") or row.get("augconv_ratio")
+        reversed_ = None if reversing is None else reversing > RECOVERED_PSNR_DB
+        step = row.get("augconv_step_ratio")  # None without a backbone: the cost panel then has no point for it
         memory = row["augconv_bytes"] / 2**20
         place = (row["family"], reversed_, step, row["known_images_needed"], memory, row.get("ciphertext_only_residual_correlation"))
         points.setdefault(place, []).append(row["holder"])
@@ -243,8 +244,9 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> Path:
         style = {"color": colour, "markerfacecolor": colour if reversed_ else "none", "marker": "o" if reversed_ is not None else "s",
                  "markersize": 8, "linestyle": "none"}
         label = _holder_list(holders)
-        cost_axes.plot([step], [known], **style)
-        cost_axes.annotate(label, (step, known), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        if step is not None:
+            cost_axes.plot([step], [known], **style)
+            cost_axes.annotate(label, (step, known), textcoords="offset points", xytext=(5, 3), fontsize=7)
         if co is not None:
             memory_axes.plot([memory], [co], **style)
             memory_axes.annotate(label, (memory, co), textcoords="offset points", xytext=(5, 3), fontsize=7)
@@ -358,7 +360,8 @@ def _attack_figures(key: HolderKey, conv: nn.Conv2d, order, pool: torch.Tensor, 
         figures["ciphertext_only_residual_correlation"] = result["residual_correlation"]
         figures["ciphertext_only_reidentification"] = result["reidentification"]
     if key.size <= REVERSING_MAX_DOMAIN:
-        report = evaluate_reversing(conv, key, order, pool[:8], mean=mean, std=std)
+        report = evaluate_reversing(conv, key, order, pool[:8], mean=mean, std=std,
+                                    public_images=pool[len(pool) - half:] if half else None)
         figures["reversing_psnr_db"] = report["psnr_db"]
     return figures
 

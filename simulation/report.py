@@ -84,11 +84,13 @@ def write_key_summary(config: ExperimentConfig, run_dir: Path, *, progress=print
                             model.first.out_channels).tolist() for h in shown]
     samples = dataset.test.images[: max(64, 8 + (keys[0].block_size if config.key_family == "blocks" else 1))]
     rows = compare_keys(keys, model.first, samples, mean=dataset.mean, std=dataset.std, order=orders,
-                        backbone=model.backbone, timing_repeats=3, timing_seconds=5, known_plaintext=config.key_family != "dense",
+                        backbone=model.backbone, timing_repeats=3, timing_max_repeats=10, timing_seconds=3, known_plaintext=config.key_family != "dense",
                         sample_images="official test images",
                         attack_images=np.concatenate([dataset.train.images[:500], dataset.test.images[-500:]]))
     for row, holder in zip(rows, shown):
         row["holder"] = holder
+        if "attack_holder" in row:
+            row["attack_holder"] = shown[row["attack_holder"]]
     context = {"dataset": config.dataset, "model": config.model, "holders_shown": len(shown),
                "holders_with_keys": len(holders), "note": "" if len(shown) == len(holders) else
                f"the first {len(shown)} of {len(holders)} holders"}

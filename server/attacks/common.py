@@ -60,6 +60,16 @@ def reconstruction_quality(original_pixels: torch.Tensor, recovered_pixels: torc
     }
 
 
+def with_public_brightness(images: torch.Tensor, public: torch.Tensor) -> torch.Tensor:
+    """Each image standardised, then given the public images' mean and spread (all in normalised units): for
+    reconstructions whose brightness and contrast the attack cannot know (batch-norm hides them from a gradient;
+    a morphed image read as an image has a key's scale), the public images are the attacker's prior."""
+    flat = images.double().flatten(1)
+    standard = (flat - flat.mean(dim=1, keepdim=True)) / flat.std(dim=1, keepdim=True).clamp_min(1e-12)
+    reference = public.double().flatten(1)
+    return (standard * reference.std(dim=1).mean() + reference.mean()).reshape(images.shape)
+
+
 def public_mean_image(images, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """The null guess of a modality: the mean of public images (uint8 or normalised), in pixel units."""
     return to_pixels(normalized_images(images, mean, std).double().mean(dim=0, keepdim=True), mean, std)[0]
@@ -97,6 +107,11 @@ def image_specific_quality(original_pixels: torch.Tensor, recovered_pixels: torc
         "chance": 1.0 / count,
         "images": count,
     }
+
+
+def rate_text(value: float | None) -> str:
+    """A re-identification rate for a table: ``-`` where there is none (a single attacked image)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _unit_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ from server.attacks.common import (
     public_mean_image,
     to_domain,
     to_pixels,
+    with_public_brightness,
 )
 from simulation.errors import UsageError
 
@@ -108,9 +109,8 @@ def second_order_estimate(morphed: BlockStatistics, public: BlockStatistics, fam
     estimates = []
     for block in range(int(owner.max()) + 1):
         at = owner == block
-        t_root_inv = _matrix_power(morphed.second[at].mean(dim=0), -0.5)
-        d_root_inv = _matrix_power(public.second[at].mean(dim=0), -0.5)
-        d_root = _matrix_power(public.second[at].mean(dim=0), 0.5)
+        (t_root_inv,) = _matrix_powers(morphed.second[at].mean(dim=0), -0.5)
+        d_root_inv, d_root = _matrix_powers(public.second[at].mean(dim=0), -0.5, 0.5)
         whitened_t_means = morphed.mean[at] @ t_root_inv
         whitened_d_means = public.mean[at] @ d_root_inv
         if int(at.sum()) > 1:
@@ -153,14 +153,6 @@ def refine(start: torch.Tensor, morphed: BlockStatistics, public: BlockStatistic
     return blocks.detach()
 
 
-def identity_guess(morphed: torch.Tensor, public_domain: torch.Tensor) -> torch.Tensor:
-    """Each morphed image read as the image, rescaled to the public images' mean and spread (normalised units)."""
-    flat = morphed.double().flatten(1)
-    scaled = (flat - flat.mean(dim=1, keepdim=True)) / flat.std(dim=1, keepdim=True).clamp_min(1e-12)
-    public = public_domain.double().flatten(1)
-    return (scaled * public.std(dim=1).mean() + public.mean()).reshape(morphed.shape)
-
-
 def attack(key: HolderKey, holder_images, public_images, *, mean: Sequence[float], std: Sequence[float],
            attacked: int | None = None, seed: int = 0) -> dict:
     """Run both stages with the given holder images (morphed by ``key``) and public images; score the
@@ -185,7 +177,7 @@ def attack(key: HolderKey, holder_images, public_images, *, mean: Sequence[float
     public_mean = public_mean_image(public_images, mean, std)
     reconstructions = {name: to_pixels(decrypt(morphed[scored], blocks, key.family), mean, std, key.padding)
                        for name, blocks in estimates.items()}
-    reconstructions["identity_guess"] = to_pixels(identity_guess(morphed[scored], public), mean, std, key.padding)
+    reconstructions["identity_guess"] = to_pixels(with_public_brightness(morphed[scored], public), mean, std, key.padding)
     stages = {name: image_specific_quality(truth, images, public_mean) for name, images in reconstructions.items()}
     best = "refined" if refined else "second_order"
     return {
@@ -216,12 +208,13 @@ def plot_examples(truth: torch.Tensor, morphed: torch.Tensor, reconstruction: to
     return path
 
 
-def _matrix_power(matrix: torch.Tensor, power: float) -> torch.Tensor:
-    """Symmetric matrix power; eigenvalues below the floor (directions never reached) are set to zero."""
+def _matrix_powers(matrix: torch.Tensor, *powers: float) -> tuple[torch.Tensor, ...]:
+    """Symmetric matrix powers from one eigendecomposition; eigenvalues below the floor (directions never reached)
+    are set to zero."""
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     keep = values > EIGENVALUE_FLOOR * values.max().clamp_min(1e-300)
-    powered = torch.where(keep, values.clamp_min(1e-300) ** power, torch.zeros_like(values))
-    return vectors @ torch.diag(powered) @ vectors.T
+    return tuple(vectors @ torch.diag(torch.where(keep, values.clamp_min(1e-300) ** power, torch.zeros_like(values))) @ vectors.T
+                 for power in powers)
 
 
 def _procrustes(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from server.attacks.ciphertext_only import attack, plot_examples
-from server.attacks.common import write_json
+from server.attacks.common import rate_text, write_json
 from simulation.cli import attack_parser, output_folder, parse_counts, positive_int, run_command, setup_from_arguments
 from simulation.errors import UsageError
 
@@ -61,10 +61,10 @@ def _main(argv: list[str] | None) -> int:
         curve.append(point)
         print(f"{holder_count:>11} {public_count:>11} {point['stage']:>12} {point['correlation']:6.3f} {point['ssim']:6.3f} "
               f"{point['psnr_db']:6.2f} {point['null_correlation']:9.3f} {point['null_ssim']:9.3f} "
-              f"{point['residual_correlation']:10.3f} {point['reidentification']:6.3f} {point['chance']:6.3f}")
+              f"{point['residual_correlation']:10.3f} {rate_text(point['reidentification']):>6} {point['chance']:6.3f}")
     identity = last["result"]["stages"]["identity_guess"]
     print(f"identity guess (each morphed image read as the image), at the largest counts: corr {identity['correlation']:.3f}, "
-          f"residual corr {identity['residual_correlation']:.3f}, re-id {identity['reidentification']:.3f}")
+          f"residual corr {identity['residual_correlation']:.3f}, re-id {rate_text(identity['reidentification'])}")
     final = last["result"]
     summary = {
         "attack": "ciphertext_only", **setup.describe(), "holder": args.holder, "key": key.summary(),
@@ -78,7 +78,7 @@ def _main(argv: list[str] | None) -> int:
     json_path = write_json(args.out / "ciphertext_only.json", summary)
     title = (f"ciphertext-only on {dataset.name}: {key.family} key, q = {key.block_size}, from {final['holder_images']} morphed "
              f"and {final['public_images']} public images\nresidual correlation {final['residual_correlation']:.2f}, "
-             f"re-identified {final['reidentification']:.0%} (chance {final['chance']:.0%})")
+             f"re-identified {rate_text(final['reidentification'])} (chance {final['chance']:.3f})")
     plot_path = plot_examples(last["truth"], last["morphed"], last["reconstruction"], args.out / "ciphertext_only.png", title=title)
     print(f"wrote {json_path} and {plot_path}")
     return 0

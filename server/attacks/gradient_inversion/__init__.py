@@ -5,8 +5,9 @@ plain channel order), every message it sent (the backbone entries, the initial v
 the round's settings: learning rate, momentum, weight decay, batch size), the ``align`` reply that brought the
 initial backbone into the federation's channel order (``--shuffle federation``), and the holder's reply: its
 shared backbone entries after local training. The holder's key, channel order, images, labels and batch order
-stay with it. The labels are given to the attack (an upper bound on the attacker: Inverting Gradients does the
-same for batches; with one image the label can be read off the last layer's update).
+stay with it. The labels are given to the attack, per local step as the holder took them (an upper bound on the
+attacker: Inverting Gradients does the same for batches; with one image the label can be read off the last layer's
+update).
 
 Why the server can work in the plain channel order. AugConv's output is ``C D`` in the holder's channel order
 ``Pi``, and the backbone entries indexed by the first layer's channels are in the same order, so the holder's
@@ -117,14 +118,20 @@ def holder_round(model: SplitModel, images: torch.Tensor, labels: torch.Tensor, 
         sent = dict(aligned)
     first = AugConv.from_conv(conv, key, order) if key is not None else holder.first.requires_grad_(False)
     inputs = morph(images, key) if key is not None else images
-    batch_order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    batches = [(inputs[index], labels[index]) for index in batch_order.split(training.batch_size)]
+    batches = [(inputs[index], labels[index]) for index in holder_batch_order(len(images), seed).split(training.batch_size)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the holder's dropout masks
         train_epochs(first, holder.backbone, lambda: batches, epochs=1, lr=training.lr, momentum=training.momentum,
                      weight_decay=training.weight_decay)
     reply = {name: value.clone() for name, value in holder.backbone.state_dict().items() if name in set(shared)}
     return sent, aligned, reply
+
+
+def holder_batch_order(count: int, seed: int) -> torch.Tensor:
+    """The order in which the holder of :func:`holder_round` takes its images into local steps. The attack is given
+    the labels in this order (``labels[holder_batch_order(...)]``): each simulated step then has the labels of the
+    holder's step, an upper bound on an attacker who knows only which labels the holder has."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
 def order_from_alignment(model: SplitModel, aligned: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,9 +159,11 @@ def server_view(model: SplitModel, sent: dict, aligned: dict, reply: dict, *, sh
     if clip is not None:
         norm = math.sqrt(sum(float(value.square().sum()) for value in update.values()))
         update = {name: value * min(1.0, clip / norm) if norm > 0 else value for name, value in update.items()}
+    if noise > 0 and clip is None:
+        raise UsageError("the noise of differential privacy is a multiple of the clipping norm; give clip with noise")
     if noise > 0:
         generator = torch.Generator().manual_seed(seed)
-        update = {name: value + noise * (clip or 1.0) * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+        update = {name: value + noise * clip * torch.randn(value.shape, generator=generator, dtype=torch.float64)
                   for name, value in update.items()}
     trainable = {name for name, _ in model.backbone.named_parameters()}
     update = {name: value for name, value in update.items() if name in trainable}
@@ -229,16 +238,6 @@ def invert(model: SplitModel, view: ServerView, labels: torch.Tensor, training: 
         if best is None or final < best[0]:
             best = (final, dummy.detach().clone())
     return Inversion(best[1], best[0], objectives, time.perf_counter() - started)
-
-
-def calibrate(reconstruction: torch.Tensor, public: torch.Tensor) -> torch.Tensor:
-    """Each reconstruction's brightness and contrast set to the public images' (normalised units): batch-norm right
-    after the first layer makes the update blind to an affine change of the image, so the attack cannot recover
-    them from the update; the public images are the attacker's prior."""
-    flat = reconstruction.double().flatten(1)
-    standard = (flat - flat.mean(dim=1, keepdim=True)) / flat.std(dim=1, keepdim=True).clamp_min(1e-12)
-    reference = public.double().flatten(1)
-    return (standard * reference.std(dim=1).mean() + reference.mean(dim=1).mean()).reshape(reconstruction.shape)
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:

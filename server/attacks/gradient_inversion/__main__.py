@@ -8,10 +8,17 @@ import sys
 import numpy as np
 import torch
 
-from server.attacks.common import normalized_images, public_mean_image, to_pixels, write_json
+from server.attacks.common import (
+    normalized_images,
+    public_mean_image,
+    rate_text,
+    to_pixels,
+    with_public_brightness,
+    write_json,
+)
 from server.attacks.gradient_inversion import (
     LocalTraining,
-    calibrate,
+    holder_batch_order,
     holder_round,
     invert,
     plot_reconstructions,
@@ -106,10 +113,10 @@ def _main(argv: list[str] | None) -> int:
     results, shown = {}, None
     for name, settings in views.items():
         view, recovered = server_view(model, sent, aligned, reply, shuffle=shuffle, seed=args.seed, **settings)
-        inversion = invert(model, view, labels, training, image_shape=dataset.image_shape, mean=dataset.mean,
+        inversion = invert(model, view, labels[holder_batch_order(count, args.seed)], training, image_shape=dataset.image_shape, mean=dataset.mean,
                            std=dataset.std, restarts=args.restarts, iterations=args.iterations, tv_weight=args.tv_weight,
                            seed=args.seed, progress=print)
-        reconstruction = to_pixels(calibrate(inversion.reconstruction, public), dataset.mean, dataset.std)
+        reconstruction = to_pixels(with_public_brightness(inversion.reconstruction, public), dataset.mean, dataset.std)
         figures = score(truth, reconstruction, public_mean)
         results[name] = {**settings, **figures, "objective": inversion.objective, "objectives": inversion.objectives,
                          "seconds": inversion.seconds, "observed_parameters": sum(v.numel() for v in view.update.values())}
@@ -119,13 +126,13 @@ def _main(argv: list[str] | None) -> int:
             shown = (reconstruction, figures["assignment"])
         print(f"{name} view: SSIM {figures['ssim']:.3f} (null {figures['null_ssim']:.3f})  PSNR {figures['psnr_db']:.2f} dB "
               f"(null {figures['null_psnr_db']:.2f})  corr {figures['correlation']:.3f}  residual corr "
-              f"{figures['residual_correlation']:.3f}  re-id {_rate(figures['reidentification'])} (chance {figures['chance']:.2f})")
+              f"{figures['residual_correlation']:.3f}  re-id {rate_text(figures['reidentification'])} (chance {figures['chance']:.2f})")
     main_view = results["server"]
     summary = {
         "attack": "gradient_inversion", **setup.describe(), "holder": args.holder, "variant": args.variant,
         "shuffle": shuffle, "local_layers": local_layers, "dp": args.dp, "dp_noise": args.dp_noise if args.dp else None,
         "dp_clip": args.dp_clip if args.dp else None, "batch_size": args.batch_size, "local_steps": args.local_steps,
-        "training": vars(training), "shared_entries": len(shared), "reply_change_under_another_holder_order": order_check, "labels": "given to the attack (upper bound)",
+        "training": vars(training), "shared_entries": len(shared), "reply_change_under_another_holder_order": order_check, "labels": "given to the attack, per local step as the holder used them (upper bound)",
         "images": f"holder: {count} train images drawn with --seed {args.seed}; public: the last {args.public_images} test images",
         **{name: main_view[name] for name in ("ssim", "psnr_db", "correlation", "null_ssim", "null_psnr_db", "null_correlation",
                                               "residual_correlation", "reidentification", "chance")},
@@ -140,10 +147,6 @@ def _main(argv: list[str] | None) -> int:
     plot_path = plot_reconstructions(truth, shown[0], shown[1], args.out / "gradient_inversion.png", title=title)
     print(f"wrote {json_path} and {plot_path}")
     return 0
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

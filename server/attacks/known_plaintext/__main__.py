@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from server.attacks.common import write_json
+from server.attacks.common import rate_text, write_json
 from server.attacks.known_plaintext import attack_curve, default_known_counts, full_rank, known_images_needed, plot_curve
 from simulation.cli import attack_parser, output_folder, parse_counts, positive_int, run_command, setup_from_arguments
 
@@ -41,7 +41,7 @@ def _main(argv: list[str] | None) -> int:
     for point in curve:
         print(f"k = {point['known_images']:>5}: rank {point['rank']}/{rank}  PSNR {point['psnr_db']:7.2f} dB  "
               f"SSIM {point['ssim']:.4f}  residual corr {point['residual_correlation']:.3f}  re-id "
-              f"{point['reidentification']:.2f}  matrix error {point['matrix_error']:.2e}")
+              f"{rate_text(point['reidentification'])}  matrix error {point['matrix_error']:.2e}")
     print(f"null guess (the mean of the other images): PSNR {curve[0]['null_psnr_db']:.2f} dB, SSIM {curve[0]['null_ssim']:.4f}; "
           f"re-identification chance {curve[0]['chance']:.3f}")
     if any(point["rank"] < rank for point in curve):
