@@ -184,7 +184,7 @@ def compare_keys(
     conv_bytes = sum(p.numel() * p.element_size() for p in first_conv.parameters())
     timings: dict[str, dict] = {}  # per timing geometry
     attacked: dict[tuple, dict] = {}  # per attack geometry: what the attacks depend on, the batch aside
-    attack_pool = normalized if attack_images is None else normalized_images(attack_images, mean, std)
+    attack_pool = None if not attacks else normalized if attack_images is None else normalized_images(attack_images, mean, std)
     rows = []
     for index, (key, holder_order) in enumerate(zip(keys, orders)):
         augconv = AugConv.from_conv(first_conv, key, holder_order)

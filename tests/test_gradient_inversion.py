@@ -1,6 +1,5 @@
 """Gradient inversion by the curious server, and what the holder's round-1 reply tells it about the channel order."""
 
-import copy
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ from clients.secrets import HolderSecrets, channel_order, draw_key
 from server.attacks.common import public_mean_image, to_pixels, with_public_brightness
 from server.attacks.gradient_inversion import (
     LocalTraining,
+    attacker_model,
     holder_batch_order,
     holder_round,
     invert,
@@ -152,11 +152,7 @@ def test_the_simulated_local_steps_reproduce_the_holders_update_from_its_true_im
     sent, aligned, reply = holder_round(model, images, labels, training, key=None, order=range(32), shuffle="none",
                                         shared=shared_names(model, "none"), seed=4)
     view, _ = server_view(model, sent, aligned, reply, shuffle="none")
-    attacker = copy.deepcopy(model)
-    attacker.backbone.train()
-    for module in attacker.backbone.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()
+    attacker = attacker_model(model)
     observed = torch.cat([view.update[name].reshape(-1).float() for name in view.update])
 
     def match(order):

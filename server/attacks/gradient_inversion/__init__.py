@@ -106,10 +106,9 @@ def holder_round(model: SplitModel, images: torch.Tensor, labels: torch.Tensor, 
     ``batch_size * steps`` of them). Returns (the backbone the server sent, the align reply or {}, the reply)."""
     if shuffle not in SHUFFLE_VIEWS:
         raise UsageError(f"shuffle must be one of {', '.join(SHUFFLE_VIEWS)}, got {shuffle!r}")
-    plain = copy.deepcopy(model)
-    conv = copy.deepcopy(plain.first)
-    sent = {name: value.clone() for name, value in plain.backbone.state_dict().items()}
-    holder = copy.deepcopy(plain)
+    conv = copy.deepcopy(model.first)
+    sent = {name: value.clone() for name, value in model.backbone.state_dict().items()}
+    holder = copy.deepcopy(model)
     order = torch.as_tensor(order if shuffle != "none" else range(conv.out_channels), dtype=torch.long)
     permute_first_layer_channels(holder, order)  # local entries and, for the federation, the aligned backbone
     aligned = {}
@@ -197,16 +196,23 @@ def simulate_update(model: SplitModel, view: ServerView, images: torch.Tensor, l
     return {name: params[name] - start[name] for name in view.update}
 
 
-def invert(model: SplitModel, view: ServerView, labels: torch.Tensor, training: LocalTraining, *, image_shape,
-           mean: Sequence[float], std: Sequence[float], restarts: int = 4, iterations: int = 400, lr: float = 0.1,
-           tv_weight: float = 1e-2, seed: int = 0, progress=None) -> Inversion:
-    """Inverting Gradients with restarts; keeps the restart whose simulated update matches best."""
+def attacker_model(model: SplitModel) -> SplitModel:
+    """The server's copy of the holder's model for simulating its training: batch-norm in training mode as the
+    holder runs it, dropout at its expectation (the holder's masks are secret), the first layer frozen."""
     attacker = copy.deepcopy(model)
     attacker.first.requires_grad_(False)
     attacker.backbone.train()
     for module in attacker.backbone.modules():
         if isinstance(module, nn.Dropout):
-            module.eval()  # the holder's masks are secret: their expectation
+            module.eval()
+    return attacker
+
+
+def invert(model: SplitModel, view: ServerView, labels: torch.Tensor, training: LocalTraining, *, image_shape,
+           mean: Sequence[float], std: Sequence[float], restarts: int = 4, iterations: int = 400, lr: float = 0.1,
+           tv_weight: float = 1e-2, seed: int = 0, progress=None) -> Inversion:
+    """Inverting Gradients with restarts; keeps the restart whose simulated update matches best."""
+    attacker = attacker_model(model)
     target = torch.cat([view.update[name].reshape(-1) for name in view.update]).float()
     shape = (1, -1, 1, 1)
     low = ((0 - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)).view(shape).float()
