@@ -31,15 +31,21 @@ from simulation.protocol import (
     ACTION,
     ARRAYS,
     CONFIG,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
     FIRST_LAYER,
     HOLDER_ID,
     HOLDER_INFO,
     INITIAL_LOCAL,
     METRICS,
+    NUM_EXAMPLES,
     PLAIN_ORDER,
     SERVER_ROUND,
     SETTINGS,
     SPLIT,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
+    VAL_ACCURACY,
     HolderSettings,
 )
 from simulation.training import evaluate, pick_device, train_epochs
@@ -238,10 +244,10 @@ def train(message: Message, context: Context, side: HolderSide) -> Message:
     )
     job.save_local()
     metrics = {
-        "num-examples": holder.num_examples("train"),
-        "train_loss": loss,
-        "train-accuracy": accuracy,
-        "val-accuracy": _finite(val_accuracy),
+        NUM_EXAMPLES: holder.num_examples("train"),
+        TRAIN_LOSS: loss,
+        TRAIN_ACCURACY: accuracy,
+        VAL_ACCURACY: _finite(val_accuracy),
     }
     return _reply(message, job.reply_arrays(), metrics, job.holder_id)
 
@@ -255,7 +261,7 @@ def evaluate_holder(message: Message, context: Context, side: HolderSide) -> Mes
         examples = job.holder.num_examples("test")
     else:
         loss, accuracy, examples = evaluate(job.holder.first, job.backbone, job.holder.batches(split))
-    metrics = {"num-examples": examples, "eval-loss": _finite(loss), "eval-accuracy": _finite(accuracy)}
+    metrics = {NUM_EXAMPLES: examples, EVAL_LOSS: _finite(loss), EVAL_ACCURACY: _finite(accuracy)}
     return _reply(message, None, metrics, job.holder_id)
 
 

@@ -18,14 +18,19 @@ from simulation.protocol import (
     ACTION,
     ARRAYS,
     CONFIG,
+    EVAL_ACCURACY,
+    EVAL_LOSS,
     EVALUATE_METRICS,
     FIRST_LAYER,
     INITIAL_LOCAL,
     METRICS,
+    NUM_EXAMPLES,
     PLAIN_ORDER,
     SERVER_ROUND,
     SETTINGS,
     SPLIT,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
     TRAIN_METRICS,
     HolderSettings,
     module_record,
@@ -178,8 +183,8 @@ class RoundLoop:
                 state.arrays = ArrayRecord(valid_backbone(arrays.to_torch_state_dict(), self.shared))
         return {
             "round": state.round,
-            "train_loss": weighted_mean(ok, "train_loss"),
-            "train_accuracy": weighted_mean(ok, "train-accuracy"),
+            "train_loss": weighted_mean(ok, TRAIN_LOSS),
+            "train_accuracy": weighted_mean(ok, TRAIN_ACCURACY),
             "holders_trained": len(ok),
             "train_failures": len(replies) - len(ok) + (len(messages) - len(replies)),
             "counted": counted,
@@ -197,11 +202,11 @@ class RoundLoop:
         ok = [reply for reply in replies if not reply.has_error()]
         # Holders with no test images (--test-fraction 0, or two images each) reply with 0 examples, and Flower's
         # aggregation would divide by their total.
-        if weighted_mean(ok, "eval-loss") is not None and config.get(SPLIT) != "global":
+        if weighted_mean(ok, EVAL_LOSS) is not None and config.get(SPLIT) != "global":
             self.strategy.aggregate_evaluate(state.round, ok)
         return {
-            "loss": weighted_mean(ok, "eval-loss"),
-            "accuracy": weighted_mean(ok, "eval-accuracy"),
+            "loss": weighted_mean(ok, EVAL_LOSS),
+            "accuracy": weighted_mean(ok, EVAL_ACCURACY),
             "holders_evaluated": len(ok),
             "evaluate_failures": len(messages) - len(ok),
             "per_holder_eval": self._per_holder(ok, EVALUATE_METRICS[:2]),
@@ -246,12 +251,12 @@ def valid_backbone(state: dict, names) -> dict:
 
 
 def weighted_mean(replies: list[Message], name: str) -> float | None:
-    """The replies' metric `name`, weighted by their num-examples; None without replies or examples."""
-    total = sum(float(reply.content[METRICS]["num-examples"]) for reply in replies)
+    """The replies' metric `name`, weighted by their NUM_EXAMPLES; None without replies or examples."""
+    total = sum(float(reply.content[METRICS][NUM_EXAMPLES]) for reply in replies)
     if not replies or total == 0:
         return None
     return sum(
-        float(reply.content[METRICS][name]) * float(reply.content[METRICS]["num-examples"]) for reply in replies
+        float(reply.content[METRICS][name]) * float(reply.content[METRICS][NUM_EXAMPLES]) for reply in replies
     ) / total
 
 

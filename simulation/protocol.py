@@ -38,9 +38,16 @@ SPLIT = "split"  # evaluate: "test" (the holder's own) or "global" (the official
 QUERY_ACTIONS = ("identify", "align")
 SPLITS = ("test", "global")
 
-# What a reply may carry: metric names per message kind, and the holder record.
-TRAIN_METRICS = ("train_loss", "train-accuracy", "val-accuracy", "num-examples")
-EVALUATE_METRICS = ("eval-loss", "eval-accuracy", "num-examples")
+# What a reply may carry: metric names per message kind, and the holder record. Metric names are snake_case, as in
+# metrics.json, the CSV and the plots; the strategies are built to weight by NUM_EXAMPLES and read QFedAvg's TRAIN_LOSS.
+NUM_EXAMPLES = "num_examples"
+TRAIN_LOSS = "train_loss"
+TRAIN_ACCURACY = "train_accuracy"
+VAL_ACCURACY = "val_accuracy"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+TRAIN_METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, VAL_ACCURACY, NUM_EXAMPLES)
+EVALUATE_METRICS = (EVAL_LOSS, EVAL_ACCURACY, NUM_EXAMPLES)
 HOLDER_ID = "holder-id"
 
 

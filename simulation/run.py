@@ -31,7 +31,7 @@ from simulation.errors import UsageError
 from simulation.protocol import VARIANTS
 from simulation.report import write_report, write_setup
 from simulation.run_folder import HOLDERS_FOLDER, METRICS_FILE, RUN_MARKER, prepare_run_dir
-from strategies.registry import describe_strategy
+from strategies.registry import FIXED_PARAMETERS, SAMPLING_PARAMETERS, describe_strategy
 
 RAY_CONNECT_TIMEOUT_S = 10.0
 
@@ -179,9 +179,7 @@ def run_variant(config: ExperimentConfig, run_dir: Path, variant: str, side: Hol
 def run_summary(config: ExperimentConfig, variant: str) -> str:
     """The settings a reader needs to know what ran: strategy and its own arguments, DP, local layers, key."""
     description = describe_strategy(make_strategy(config))
-    defaults = ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
-                "weighted_by_key", "arrayrecord_key", "configrecord_key", "train_metrics_aggr_fn",
-                "evaluate_metrics_aggr_fn")
+    defaults = SAMPLING_PARAMETERS + FIXED_PARAMETERS + ("train_metrics_aggr_fn", "evaluate_metrics_aggr_fn")
     own = {key: value for key, value in description["args"].items() if key not in defaults}
     strategy = description["name"] + (f" ({', '.join(f'{k}={v}' for k, v in own.items())})" if own else "")
     dp = description["differential_privacy"]

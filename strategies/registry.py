@@ -52,6 +52,7 @@ from flwr.serverapp.strategy import (
 )
 
 from simulation.errors import UsageError
+from simulation.protocol import ARRAYS, CONFIG, NUM_EXAMPLES, TRAIN_LOSS
 
 BUILTIN_STRATEGIES: Mapping[str, type[Strategy]] = types.MappingProxyType(
     {
@@ -88,8 +89,13 @@ SAMPLING_PARAMETERS = (
 )
 """Set from the run's holder-sampling settings, never as strategy arguments."""
 
-FIXED_PARAMETERS = ("arrayrecord_key", "configrecord_key")
-"""Record keys the ClientApp relies on; a strategy must keep Flower's defaults ("arrays", "config")."""
+RECORD_KEYS: Mapping[str, str] = types.MappingProxyType(
+    {"arrayrecord_key": ARRAYS, "configrecord_key": CONFIG, "weighted_by_key": NUM_EXAMPLES, "train_loss_key": TRAIN_LOSS}
+)
+"""Record and metric names the apps use (simulation.protocol), given to every strategy that takes them: the
+holders' metrics are snake_case, where Flower's strategies default to weighting by "num-examples"."""
+
+FIXED_PARAMETERS = tuple(RECORD_KEYS)
 
 LEARNING_RATE_PARAMETERS = ("client_learning_rate",)
 """Constructor parameters that mean the holders' learning rate (QFedAvg); filled from the run's lr."""
@@ -397,7 +403,7 @@ def build_strategy(
     )
     _settle_selection_size(cls, parameters, args, replies)
     try:
-        return cls(**sampling, **args)
+        return cls(**sampling, **{name: key for name, key in RECORD_KEYS.items() if name in parameters}, **args)
     except (TypeError, ValueError) as error:
         raise UsageError(f"{owner} rejected its arguments {args}: {_one_line(error)}") from None
 

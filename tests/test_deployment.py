@@ -74,9 +74,9 @@ def test_holders_use_the_folder_and_data_their_node_config_names(tmp_path):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert not holder_home(run_dir, 0).exists() and not holder_home(run_dir, 1).exists()
     trained = metrics["rounds"][0]["per_holder"]
-    assert trained["0"]["num-examples"] == 30  # its own file's train split, not its partition
-    assert trained["1"]["num-examples"] == len(placement_for(config).holder_train[1])
-    evaluated = [reply.content["metrics"]["num-examples"] for message, reply in grid.log
+    assert trained["0"]["num_examples"] == 30  # its own file's train split, not its partition
+    assert trained["1"]["num_examples"] == len(placement_for(config).holder_train[1])
+    evaluated = [reply.content["metrics"]["num_examples"] for message, reply in grid.log
                  if message.metadata.message_type == MessageType.EVALUATE and reply.content["holder"]["holder-id"] == 0]
     assert evaluated[0] == 12  # its own file's test split
     assert evaluated[-1] == len(digits.test)  # the final score stays on the official test split
@@ -259,5 +259,5 @@ def test_superlink_and_one_supernode_per_holder_run_the_apps(tmp_path):
         folder = holder_home(run_dir, holder)
         assert (folder / KEY_FILE).is_file() and (folder / "data.npz").is_file()
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-        trained = metrics["rounds"][0]["per_holder"][str(holder)]["num-examples"]
+        trained = metrics["rounds"][0]["per_holder"][str(holder)]["num_examples"]
         assert trained == len(federation.holder_train[holder])

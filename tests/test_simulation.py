@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import stat
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def planted_replies():
     message = Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"lr": 0.1})}),
                       dst_node_id=1000, message_type=MessageType.TRAIN)
     message.metadata.__dict__["_message_id"] = "x"
-    metrics = {"num-examples": 3, "train_loss": 0.5, "train-accuracy": 0.5, "val-accuracy": 0.5}
+    metrics = {"num_examples": 3, "train_loss": 0.5, "train_accuracy": 0.5, "val_accuracy": 0.5}
 
     def reply(arrays=sent, metric_values=metrics, holder={"holder-id": 0}, extra=None):
         content = RecordDict({"arrays": ArrayRecord(dict(arrays)), "metrics": MetricRecord(metric_values),
@@ -221,7 +222,13 @@ def test_cli_runs_on_flowers_ray_engine_and_writes_the_run_folder(tmp_path, caps
     assert len({row["fingerprint"] for row in keys}) == 3
     assert all(not isinstance(value, (list, dict)) or len(value) < 8 for row in keys for value in row.values())
     assert (out / "morph.png").stat().st_size > 0
-    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2 * 2
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 2 * 2
+    metric_names = set(csv_lines[0].split(",")) | set(metrics["final"]) | {
+        name for row in metrics["rounds"] for table in (row, *row["per_holder"].values(), *row["per_holder_eval"].values())
+        for name in table}
+    assert {"num_examples", "train_accuracy", "val_accuracy", "eval_loss"} <= metric_names
+    assert all(re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)*", name) for name in metric_names), sorted(metric_names)
     from server.attacks.cross_key import cross_key_for_run
 
     accuracy, _ = cross_key_for_run(out)
@@ -304,7 +311,7 @@ def test_round_metrics_are_weighted_by_each_holders_examples():
     from server.rounds import weighted_mean
 
     InProcessGrid(1)
-    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n, "train_loss": loss})}), dst_node_id=1,
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num_examples": n, "train_loss": loss})}), dst_node_id=1,
                        message_type="train") for n, loss in ((1, 1.0), (3, 3.0))]
     assert weighted_mean(replies, "train_loss") == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)  # not (1 + 3) / 2
     assert weighted_mean([], "train_loss") is None

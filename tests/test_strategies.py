@@ -66,7 +66,7 @@ def train_round(strategy: Strategy, num_nodes: int, current: dict[str, np.ndarra
 
 def reply(instruction: Message, arrays: dict[str, np.ndarray], *, examples=10, accuracy=0.5, loss=1.0) -> Message:
     metrics = MetricRecord(
-        {"num-examples": examples, "train_loss": loss, "train-accuracy": 0.5, "val-accuracy": accuracy}
+        {"num_examples": examples, "train_loss": loss, "train_accuracy": 0.5, "val_accuracy": accuracy}
     )
     return Message(RecordDict({"arrays": to_record(arrays), "metrics": metrics}), reply_to=instruction)
 
@@ -233,7 +233,7 @@ def test_missing_class_lists_the_strategies_that_are_there():
     assert_one_line_usage_error(excinfo, "no class 'AccuracyWeighted'", "AccuracyWeightedFedAvg")
 
 
-@pytest.mark.parametrize("spec", ["json:JSONDecoder", "strategies.examples.accuracy_weighted:ACCURACY_KEY"])
+@pytest.mark.parametrize("spec", ["json:JSONDecoder", "strategies.examples.accuracy_weighted:VAL_ACCURACY"])
 def test_object_that_is_not_a_strategy_is_rejected(spec):
     with pytest.raises(UsageError) as excinfo:
         load_strategy_class(spec)
@@ -309,11 +309,12 @@ def test_uncoercible_args_are_usage_errors(spec, args, fragments):
 def test_unknown_arg_lists_the_accepted_ones():
     with pytest.raises(UsageError) as excinfo:
         build_strategy("fedprox", {"mu": 0.1}, num_holders=3)
-    assert_one_line_usage_error(excinfo, "FedProx has no argument 'mu'", "proximal_mu", "weighted_by_key")
-    assert "train_metrics_aggr_fn" not in str(excinfo.value)
+    assert_one_line_usage_error(excinfo, "FedProx has no argument 'mu'", "proximal_mu")
+    assert "train_metrics_aggr_fn" not in str(excinfo.value) and "weighted_by_key" not in str(excinfo.value)
 
 
-@pytest.mark.parametrize("name", ["fraction_train", "min-train-nodes", "min_available_nodes", "arrayrecord_key"])
+@pytest.mark.parametrize("name", ["fraction_train", "min-train-nodes", "min_available_nodes", "arrayrecord_key",
+                                  "weighted_by_key", "train_loss_key"])
 def test_sampling_and_record_keys_cannot_be_strategy_args(name):
     with pytest.raises(UsageError) as excinfo:
         build_strategy("fedavg", {name: 1}, num_holders=3)
@@ -436,13 +437,13 @@ def test_accuracy_weighting_changes_the_aggregate_the_predicted_way():
     assert np.allclose(flat(numpy_arrays(fedavg_arrays)), 2.5)  # (10 * 1 + 30 * 3) / 40
     assert np.allclose(flat(numpy_arrays(weighted_arrays)), expected, atol=1e-6)
     assert expected < 2.0  # the accurate holder (update 1.0) now dominates
-    assert weighted_metrics["val-accuracy"] == pytest.approx(fedavg_metrics["val-accuracy"])  # metrics by num-examples
+    assert weighted_metrics["val_accuracy"] == pytest.approx(fedavg_metrics["val_accuracy"])  # metrics by num_examples
 
 
 def test_accuracy_weighting_needs_the_accuracy_metric():
-    strategy = AccuracyWeightedFedAvg(min_train_nodes=1, min_available_nodes=1)
+    strategy = build_strategy(f"{EXAMPLE_FILE}:AccuracyWeightedFedAvg", {}, num_holders=1)
     (instruction,) = train_round(strategy, 1, global_arrays())
-    content = RecordDict({"arrays": to_record(global_arrays()), "metrics": MetricRecord({"num-examples": 5})})
+    content = RecordDict({"arrays": to_record(global_arrays()), "metrics": MetricRecord({"num_examples": 5})})
     with pytest.raises(AggregationError):
         strategy.aggregate_train(1, [Message(content, reply_to=instruction)])
 
@@ -502,7 +503,7 @@ def test_server_side_dp_noise_has_the_documented_scale():
     update = np.full(size, 0.1 / math.sqrt(size), np.float32)  # norm 0.1, below the clipping norm
     private = dp_fedavg("server", noise_multiplier=2.0, clipping_norm=0.5, num_holders=2)
     instructions = list(private.configure_train(1, to_record(current), ConfigRecord(), StubGrid(2)))
-    metrics = MetricRecord({"num-examples": 1, "train_loss": 1.0})
+    metrics = MetricRecord({"num_examples": 1, "train_loss": 1.0})
     replies = [
         Message(RecordDict({"arrays": to_record({"w": update}), "metrics": metrics}), reply_to=m) for m in instructions
     ]

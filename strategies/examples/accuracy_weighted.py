@@ -4,14 +4,14 @@ Load it with `--strategy strategies/examples/accuracy_weighted.py:AccuracyWeight
 `strategies.examples.accuracy_weighted:AccuracyWeightedFedAvg`) and set its temperature with
 `--strategy-arg temperature=0.05`.
 
-Each training reply carries, besides its backbone, a MetricRecord with "num-examples" and "val-accuracy":
+Each training reply carries, besides its backbone, a MetricRecord with "num_examples" and "val_accuracy":
 the accuracy of the received global model on the holder's own held-out split, measured before local
 training. Holder i's backbone gets the weight
 
     w_i  proportional to  num_examples_i * exp(val_accuracy_i / temperature)
 
 so a large temperature gives plain FedAvg and a small one follows the holders with the best validation
-accuracy. The training metrics are still averaged by "num-examples", so they stay comparable with FedAvg's.
+accuracy. The training metrics are still averaged by "num_examples", so they stay comparable with FedAvg's.
 
 This is a demonstration of the strategy interface, not a recommendation: the accuracies are reported by the
 holders themselves, so a dishonest holder can claim a high one and steer the aggregate.
@@ -27,7 +27,8 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-ACCURACY_KEY = "val-accuracy"
+from simulation.protocol import VAL_ACCURACY
+
 _WEIGHT_KEY = "aggregation-weight"
 
 
@@ -37,7 +38,7 @@ class AccuracyWeightedFedAvg(FedAvg):
     Parameters
     ----------
     temperature : float (default: 0.1)
-        Softmax temperature over the holders' "val-accuracy" (a fraction in [0, 1]); must be > 0.
+        Softmax temperature over the holders' "val_accuracy" (a fraction in [0, 1]); must be > 0.
     **kwargs
         FedAvg's parameters (sampling, weighted_by_key, ...).
     """
@@ -69,10 +70,10 @@ class AccuracyWeightedFedAvg(FedAvg):
         examples, accuracies = [], []
         for content in contents:
             metrics = next(iter(content.metric_records.values()))
-            if ACCURACY_KEY not in metrics:
-                raise AggregationError(f"AccuracyWeightedFedAvg needs {ACCURACY_KEY!r} in every training reply")
+            if VAL_ACCURACY not in metrics:
+                raise AggregationError(f"AccuracyWeightedFedAvg needs {VAL_ACCURACY!r} in every training reply")
             examples.append(float(metrics[self.weighted_by_key]))
-            accuracies.append(float(metrics[ACCURACY_KEY]))
+            accuracies.append(float(metrics[VAL_ACCURACY]))
         best = max(accuracies)
         return [n * math.exp((accuracy - best) / self.temperature) for n, accuracy in zip(examples, accuracies)]
 
