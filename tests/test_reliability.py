@@ -158,21 +158,19 @@ def processes_in(folders) -> list[str]:
     return found
 
 
-# SIGINT takes the same handler as SIGTERM (Stopper); SIGTERM is the one that Ray also handles, so it is the test.
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
-def test_a_run_stopped_mid_round_resumes_to_the_same_metrics(tmp_path, reference_run, stop_signal):
-    out = tmp_path / "stopped"
-    log = tmp_path / "stopped.log"
+def stop_mid_round(argv: list[str], out: Path, log: Path, stop_signal: signal.Signals, round_: int):
+    """Run `simulation.run argv` and send it `stop_signal` once round `round_ - 1` is checkpointed and round `round_`
+    is half done (a holder has saved its state of that round). Returns the process, how long it took to stop after
+    the signal, and the private Ray folders it made."""
     before = private_ray_folders()
     with open(log, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "simulation.run", *SMALL_RUN, "--out", str(out)],
-                                   cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "simulation.run", *argv], cwd=ROOT, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Stop it once round 1 is checkpointed and round 2 is half done: a holder has saved its round-2 state.
         deadline = time.monotonic() + ENGINE_TIMEOUT_S
-        while not (rounds_done(out) == 1 and any(out.glob("holders/*/local-mple-r00002.pt"))):
+        while not (rounds_done(out) == round_ - 1 and any(out.glob(f"holders/*/local-mple-r{round_:05d}.pt"))):
             assert process.poll() is None, f"the run ended before it could be stopped:\n{log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "round 2 never started"
+            assert time.monotonic() < deadline, f"round {round_} never started"
             time.sleep(0.02)
         ours = private_ray_folders() - before
         sent = time.monotonic()
@@ -182,24 +180,37 @@ def test_a_run_stopped_mid_round_resumes_to_the_same_metrics(tmp_path, reference
     finally:
         with contextlib.suppress(ProcessLookupError):  # Ray's processes, if a SIGKILL left them
             os.killpg(process.pid, signal.SIGKILL)
-    assert rounds_done(out) == 1, "round 2 finished before the signal landed"
+    assert rounds_done(out) == round_ - 1, f"round {round_} finished before the signal landed"
     assert not (out / "mple" / "metrics.json").exists()
-    if stop_signal != signal.SIGKILL:  # a signal the run can handle: a clean stop, quickly, nothing left behind
-        assert stopped_within < 5 and process.returncode == 128 + stop_signal
-        text = log.read_text()
-        assert f"stopped by {stop_signal.name} during round 2 of 3" in text and "--resume" in text
-        assert "Traceback" not in text
-        assert len(ours) == 1
-        for _ in range(50):  # the run's cleaner, detached as the run exits, kills its Ray processes within moments
-            if not processes_in(ours) and not any(folder.exists() for folder in ours):
-                break
-            time.sleep(0.1)
-        assert not processes_in(ours) and not any(folder.exists() for folder in ours)
+    return process, stopped_within, ours
+
+
+def test_a_run_stopped_twice_mid_round_resumes_to_the_same_metrics(tmp_path, reference_run):
+    """Killed (SIGKILL: no handler runs) in round 2, resumed, stopped (SIGTERM) in round 3, resumed again: the metrics
+    are those of the uninterrupted run. SIGINT takes the same handler as SIGTERM (Stopper); SIGTERM is the one that
+    Ray also handles, so it is the one tested."""
+    out = tmp_path / "stopped"
+    stop_mid_round([*SMALL_RUN, "--out", str(out)], out, tmp_path / "killed.log", signal.SIGKILL, 2)
+
+    log = tmp_path / "resumed-then-stopped.log"
+    process, stopped_within, ours = stop_mid_round(["--resume", str(out)], out, log, signal.SIGTERM, 3)
+    text = log.read_text()
+    assert "resuming mple after round 1/3" in text
+    # A signal the run can handle: a clean stop, quickly, nothing left behind.
+    assert stopped_within < 5 and process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM during round 3 of 3" in text and "--resume" in text
+    assert "Traceback" not in text
+    assert len(ours) == 1
+    for _ in range(50):  # the run's cleaner, detached as the run exits, kills its Ray processes within moments
+        if not processes_in(ours) and not any(folder.exists() for folder in ours):
+            break
+        time.sleep(0.1)
+    assert not processes_in(ours) and not any(folder.exists() for folder in ours)
 
     resumed = subprocess.run([sys.executable, "-m", "simulation.run", "--resume", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming mple after round 1/3" in resumed.stdout
+    assert "resuming mple after round 2/3" in resumed.stdout
     assert run_metrics(out) == run_metrics(reference_run)
 
 
