@@ -26,7 +26,7 @@ def train_epochs(
     accuracy, examples), so that with several local epochs the loss is the one the holder ends the round on. With `proximal_mu` > 0 adds FedProx's (mu/2)||w - w_global||^2 over the
     `anchor` parameters (the received global ones)."""
     parameters = [p for p in (*first.parameters(), *backbone.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss()
     anchored = []
     if proximal_mu > 0 and anchor:
@@ -52,6 +52,41 @@ def train_epochs(
     if seen == 0:
         return float("nan"), float("nan"), 0
     return loss_sum / seen, correct / seen, seen
+
+
+class SGD:
+    """torch.optim.SGD's update (momentum without dampening or Nesterov, L2 weight decay), step for step the same
+    arithmetic, so the same numbers (a test compares them). Its first use in a process imports torch._dynamo, which
+    takes about 3 s, and every holder process (a Ray actor, a SuperNode's ClientApp process per message) pays it."""
+
+    def __init__(self, parameters: Iterable[torch.Tensor], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.parameters = list(parameters)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.parameters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters:
+            if set_to_none:
+                parameter.grad = None
+            elif parameter.grad is not None:
+                parameter.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for index, parameter in enumerate(self.parameters):
+            if parameter.grad is None:
+                continue
+            step = parameter.grad
+            if self.weight_decay != 0:
+                step = step.add(parameter, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buffer = self.buffers[index]
+                if buffer is None:
+                    buffer = self.buffers[index] = torch.clone(step).detach()
+                else:
+                    buffer.mul_(self.momentum).add_(step)
+                step = buffer
+            parameter.add_(step, alpha=-self.lr)
 
 
 @torch.no_grad()
