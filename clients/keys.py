@@ -247,7 +247,10 @@ class HolderKey:
         if cache_key not in self._torch_cache:
             blocks = torch.tensor(self._blocks)
             if inverse:
-                blocks = torch.linalg.inv(blocks)
+                # One block at a time: torch 2.14's batched inverse (MKL) fails ("Pivots given to lu_solve must all
+                # be greater or equal to 1") for blocks of about 150 x 150 and more when torch runs more than one
+                # thread, e.g. a blocks key on 224 x 224 images; a single block never did.
+                blocks = torch.stack([torch.linalg.inv(block) for block in blocks])
             self._torch_cache[cache_key] = blocks.to(device=device, dtype=dtype)
         return self._torch_cache[cache_key]
 
