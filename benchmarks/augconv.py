@@ -1,13 +1,17 @@
-"""AugConv cost on VGG-16's first layer for 3x32x32 images, per key family, in one run.
+"""AugConv cost on VGG-16's first layer for 3x32x32 images (or another model and image size), per key family, in one run.
 
 For each family it measures key generation, AugConv construction, AugConv memory, the float32
 error of ``AugConv(morph(x))`` against the plain convolution, and a full VGG-16 training step
 (forward, backward and SGD step of the backbone) with AugConv in front, against the same step with
 the plain frozen first convolution, and the first layer's forward pass alone, AugConv against the
 plain convolution (less noisy than whole steps). The two kinds of step alternate, so load from other
-programs on a shared machine hits both alike; times are medians, and the step ratio is of medians.
+programs on a shared machine hits both alike; times are medians, and the step ratio is of medians. The
+peak memory is the process's resident memory during the construction above what it was before. A
+family whose key and AugConv the run's memory check (server.plan.check_memory) refuses is reported
+with the check's estimate instead of being built.
 
     python -m benchmarks.augconv --families repeated,blocks --repeats 5 --out results/augconv.json
+    python -m benchmarks.augconv --model cnn --channels 1 --image-size 128 --batch-size 16
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +35,20 @@ import torch.nn.functional as F
 from clients.augconv import AugConv
 from clients.keys import HolderKey
 from clients.morphing import morph
+from server.plan import check_memory
+from simulation.config import ExperimentConfig
+from simulation.errors import UsageError
 from simulation.files import atomic_write_json
-from simulation.models import build_model
+from simulation.models import MODEL_NAMES, build_model
 
-IMAGE_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 MIB = 2**20
 
-# Keys as the two schemes use them: MpLe's block keys over the image as is (q = one image row),
+# Keys as the two schemes use them: MpLe's block keys over the image as is (q = one image row, the default),
 # MoLe's dense key over the image zero-padded by the first layer's padding.
 FAMILY_KEYS = {
-    "repeated": dict(family="repeated", block_size=32, padding=0),
-    "blocks": dict(family="blocks", block_size=32, padding=0),
+    "repeated": dict(family="repeated", padding=0),
+    "blocks": dict(family="blocks", padding=0),
     "dense": dict(family="dense", padding=1),
 }
 
@@ -85,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="training batch size (default 64)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the model, the keys and the data (default 0)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="vgg16", help="whose first layer (default vgg16)")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    parser.add_argument("--channels", type=positive_int, choices=(1, 3), default=3, help="image channels (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
     return parser.parse_args(argv)
 
@@ -133,21 +143,52 @@ def float32_error(aug: AugConv, conv: torch.nn.Conv2d, key: HolderKey, images: t
     return float((actual - expected).abs().max() / expected.abs().max())
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def with_peak_memory(function, *args):
+    """(result, seconds, peak resident bytes above the start) of one call, resident memory sampled every 5 ms."""
+    start, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], resident_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result, seconds = timed(function, *args)
+    finally:
+        done.set()
+        sampler.join()
+    return result, seconds, max(peak[0], resident_bytes()) - start
+
+
 def benchmark_family(family: str, model, images, labels, optimizer, args) -> dict:
     conv = model.first
-    key, key_s = timed(HolderKey.generate, IMAGE_SHAPE, seed=args.seed, **FAMILY_KEYS[family])
-    aug, build_s = timed(AugConv.from_conv, conv, key)
+    image_shape = tuple(images.shape[1:])
+    settings = FAMILY_KEYS[family]
+    try:
+        estimate = check_memory(ExperimentConfig(holders=1, key_family=family), image_shape, model, settings["padding"])
+    except UsageError as refusal:
+        return {"family": family, "refused": str(refusal)}
+    key, key_s = timed(HolderKey.generate, image_shape, seed=args.seed, **settings)
+    aug, build_s, build_peak = with_peak_memory(AugConv.from_conv, conv, key)
     morphed, morph_s = timed(morph, images, key)
     plain_times, aug_times = step_times(conv, aug, model.backbone, optimizer, images, morphed, labels, args.repeats)
     plain_step, aug_step = statistics.median(plain_times), statistics.median(aug_times)
     plain_forwards, aug_forwards = forward_times(conv, aug, images, morphed, args.repeats)
-    out_pixels = (IMAGE_SHAPE[1] + 2 * conv.padding[0] - conv.kernel_size[0] + 1) ** 2
+    out_pixels = (image_shape[1] + 2 * conv.padding[0] - conv.kernel_size[0] + 1) ** 2
     return {
         "family": family,
         "key": key.summary(),
         "key_generation_s": key_s,
         "build_s": build_s,
         "memory_bytes": aug.memory_bytes,
+        "build_peak_bytes": build_peak,
+        "memory_check_estimate_bytes": estimate,
         "naive_dense_bytes": key.size * conv.out_channels * out_pixels * 4,
         "morph_batch_s": morph_s,
         "plain_step_s": plain_step,
@@ -164,6 +205,8 @@ def benchmark_family(family: str, model, images, labels, optimizer, args) -> dic
 
 
 def verdicts(result: dict) -> dict[str, bool]:
+    if "refused" in result:
+        return {}
     targets = TARGETS[result["family"]]
     checks = {
         f"step ratio <= {targets.step_ratio}": result["step_ratio"] <= targets.step_ratio,
@@ -176,23 +219,28 @@ def verdicts(result: dict) -> dict[str, bool]:
 
 def print_table(results: list[dict]) -> None:
     header = (
-        f"{'family':<9} {'q':>5} {'pad':>3} {'key s':>7} {'build s':>8} {'memory MiB':>11} {'morph s':>8} "
+        f"{'family':<9} {'q':>5} {'pad':>3} {'key s':>7} {'build s':>8} {'memory MiB':>11} {'peak MiB':>9} {'morph s':>8} "
         f"{'conv fwd s':>11} {'aug fwd s':>10} {'plain step s':>13} {'aug step s':>11} {'ratio':>6} {'f32 rel err':>11} {'(estimate)':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
+        if "refused" in r:
+            print(f"{r['family']:<9} refused by the memory check: {r['refused']}")
+            continue
         key = r["key"]
         print(
             f"{r['family']:<9} {key['block_size']:>5} {key['padding']:>3} {r['key_generation_s']:>7.2f} {r['build_s']:>8.2f} "
-            f"{r['memory_bytes'] / MIB:>11.2f} {r['morph_batch_s']:>8.4f} {r['plain_forward_s']:>11.4f} {r['aug_forward_s']:>10.4f} "
+            f"{r['memory_bytes'] / MIB:>11.2f} {r['build_peak_bytes'] / MIB:>9.0f} {r['morph_batch_s']:>8.4f} "
+            f"{r['plain_forward_s']:>11.4f} {r['aug_forward_s']:>10.4f} "
             f"{r['plain_step_s']:>13.3f} {r['aug_step_s']:>11.3f} {r['step_ratio']:>6.3f} "
             f"{r['float32_max_relative_error']:>11.1e} {r['float32_expected_error']:>10.1e}"
         )
     print()
     for r in results:
-        line = ", ".join(f"{'PASS' if ok else 'MISS'} {name}" for name, ok in r["verdicts"].items())
-        print(f"{r['family']:<9} {line}")
+        if r["verdicts"]:
+            line = ", ".join(f"{'PASS' if ok else 'MISS'} {name}" for name, ok in r["verdicts"].items())
+            print(f"{r['family']:<9} {line}")
 
 
 def main(argv=None) -> int:
@@ -200,16 +248,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model("vgg16", in_channels=IMAGE_SHAPE[0], num_classes=NUM_CLASSES, image_size=IMAGE_SHAPE[1])
+    image_shape = (args.channels, args.image_size, args.image_size)
+    model = build_model(args.model, in_channels=args.channels, num_classes=NUM_CLASSES, image_size=args.image_size)
     model.train()
     model.first.requires_grad_(False)
     optimizer = torch.optim.SGD(model.backbone.parameters(), lr=0.01, momentum=0.9)
     generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, *IMAGE_SHAPE, generator=generator)
+    images = torch.randn(args.batch_size, *image_shape, generator=generator)
     labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator)
     load_before = os.getloadavg()
     print(
-        f"VGG-16 first layer {tuple(model.first.weight.shape)} on {IMAGE_SHAPE} images, batch {args.batch_size}, "
+        f"{args.model} first layer {tuple(model.first.weight.shape)} on {image_shape} images, batch {args.batch_size}, "
         f"{args.repeats} timed steps of each kind, {torch.get_num_threads()} threads, "
         f"load average {load_before[0]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
@@ -234,7 +283,8 @@ def main(argv=None) -> int:
             "load_average_before": load_before,
             "load_average_after": load_after,
         }
-        settings = {"families": args.families, "repeats": args.repeats, "batch_size": args.batch_size, "seed": args.seed}
+        settings = {"families": args.families, "repeats": args.repeats, "batch_size": args.batch_size, "seed": args.seed,
+                    "model": args.model, "image_shape": image_shape}
         atomic_write_json(args.out, {"environment": environment, "settings": settings, "results": results})
         print(f"wrote {args.out}")
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 
-from clients.augconv import augconv_bytes
+from clients.augconv import CONSTRUCTION_CHUNK_BYTES, augconv_bytes
 from clients.holder import key_padding
 from clients.keys import check_key_geometry
 from server.first_layer import initial_model, load_first_layer
@@ -63,11 +63,18 @@ def plan_run(config: ExperimentConfig) -> RunPlan:
     return RunPlan(config, placement, model, shared, block_size)
 
 
+# What building an AugConv holds on top of the finished layer: a float64 chunk of morphed unit images, its responses
+# and their placed copies, each at most CONSTRUCTION_CHUNK_BYTES (measured: a blocks key on 1x128x128 images peaked
+# 0.6 GiB above its 0.75 GiB AugConv; benchmarks.augconv reports the peak).
+CONSTRUCTION_SCRATCH_BYTES = 3 * CONSTRUCTION_CHUNK_BYTES
+
+
 def check_memory(config: ExperimentConfig, image_shape, model: SplitModel, padding: int,
                  memory_bytes: int | None = None) -> int:
     """Refuse, with the estimate and the fix, keys and AugConvs that would not fit in this machine's memory: one
-    holder's (its key and inverse in float64, its AugConv in float32), and all the holders the Ray workers here keep
-    in memory at once (--holder-cache per worker). Returns one holder's estimate in bytes."""
+    holder's (its key and inverse in float64, its AugConv in float32, and the scratch of building it), and all the
+    holders the Ray workers here keep in memory at once (--holder-cache per worker), each worker building one. Returns
+    one holder's estimate in bytes, without the scratch."""
     q = check_key_geometry(image_shape, config.key_family, config.block_size, padding)
     channels, height, width = image_shape
     domain = (channels, height + 2 * padding, width + 2 * padding)
@@ -76,17 +83,19 @@ def check_memory(config: ExperimentConfig, image_shape, model: SplitModel, paddi
     per_holder = 2 * 8 * key_entries + augconv_bytes(model.first, domain, config.key_family, q, padding)
     memory = physical_memory() if memory_bytes is None else memory_bytes
     what = (f"a {config.key_family} key with q = {q} on {channels}x{height}x{width} images needs "
-            f"{per_holder / 2**30:.2f} GiB per holder (key, inverse and AugConv)")
-    if per_holder > memory / 2:
+            f"{per_holder / 2**30:.2f} GiB per holder (key, inverse and AugConv; "
+            f"{CONSTRUCTION_SCRATCH_BYTES / 2**30:.2f} GiB more while its AugConv is built)")
+    if per_holder + CONSTRUCTION_SCRATCH_BYTES > memory / 2:
         raise UsageError(f"{what}, more than half of this machine's {memory / 2**30:.1f} GiB; use --key-family "
                          "blocks or repeated, a smaller --block-size, or a smaller --image-size")
     if not config.ray_address:
         workers = max(1, int((os.cpu_count() or 1) // config.cpus_per_holder))
         resident = min(config.holders, workers * config.holder_cache)
-        if resident * per_holder > 0.8 * memory:
-            fits = max(1, int(0.8 * memory // per_holder) // workers)
+        building = min(config.holders, workers) * CONSTRUCTION_SCRATCH_BYTES
+        if resident * per_holder + building > 0.8 * memory:
+            fits = max(1, int((0.8 * memory - building) // per_holder) // workers)
             raise UsageError(f"{what}, and {workers} Ray workers keeping up to {config.holder_cache} holders each "
-                             f"would hold {resident * per_holder / 2**30:.1f} GiB of this machine's "
+                             f"would hold {(resident * per_holder + building) / 2**30:.1f} GiB of this machine's "
                              f"{memory / 2**30:.1f} GiB; lower --holder-cache to {fits} or use a lighter key")
     return per_holder
 
