@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clients.secrets import HolderSecrets, channel_order, draw_key
+from clients.holder import holder_home
+from clients.secrets import SECRETS_FILE, HolderSecrets, channel_order, draw_key
 from server.attacks.common import public_mean_image, to_pixels, with_public_brightness
 from server.attacks.gradient_inversion import (
     LocalTraining,
@@ -20,10 +21,15 @@ from server.attacks.gradient_inversion import (
     simulate_update,
 )
 from server.attacks.gradient_inversion.__main__ import main as gradient_inversion_main
+from server.first_layer import initial_model
 from server.plan import shared_backbone_names
 from simulation.config import ExperimentConfig
 from simulation.data import load_dataset, normalize
 from simulation.models import build_model
+from simulation.placement import placement_for
+from simulation.protocol import ACTION, ARRAYS, CONFIG
+
+from .inprocess import run_in_process
 
 TRAINING = LocalTraining(batch_size=1, steps=1, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -95,6 +101,22 @@ def test_the_align_reply_gives_the_server_the_federation_order_exactly(pneumonia
                                         shared=shared_names(model, "federation"), seed=0)
     assert torch.equal(order_from_alignment(model, aligned), torch.as_tensor(order))
     assert not torch.equal(torch.as_tensor(order), torch.arange(32))
+
+
+def test_the_clientapps_own_align_reply_gives_the_server_the_federation_order_exactly(tmp_path):
+    """The same through the real ServerApp and ClientApp: what the server sends for alignment and gets back."""
+    _, grid, run = run_in_process(tmp_path, 2, rounds=1, shuffle="federation")
+    ((message, reply),) = [(m, r) for m, r in grid.log if str(m.metadata.message_type).startswith("query")
+                           and m.content[CONFIG][ACTION] == "align"]
+    config = run.settings.config
+    model = initial_model(config, placement_for(config))
+    state = model.backbone.state_dict()
+    state.update(message.content[ARRAYS].to_torch_state_dict())  # the server's own backbone, in the plain order
+    model.backbone.load_state_dict(state)
+    secrets = HolderSecrets.load(holder_home(run.settings.run_dir, 0) / SECRETS_FILE)
+    truth = channel_order(secrets, "federation", model.first.out_channels)
+    assert torch.equal(order_from_alignment(model, reply.content[ARRAYS].to_torch_state_dict()), truth)
+    assert not torch.equal(truth, torch.arange(len(truth)))
 
 
 def test_mple_replies_are_the_baselines_so_morphing_adds_nothing_against_gradient_inversion(pneumonia16):
