@@ -35,7 +35,7 @@ from clients.holder import KEY_FILE, holder_home, key_padding
 from clients.keys import ENTRY_DISTRIBUTIONS, FAMILIES, HolderKey
 from clients.secrets import SECRET_BYTES, SECRETS_FILE, SHUFFLE_MODES, HolderSecrets, channel_order, draw_key
 from simulation.config import DP_MODES, KEY_PADDING_MODES, ExperimentConfig, build_config
-from simulation.data import ImageDataset, load_dataset
+from simulation.data import DATASET_CHOICES, PARTITION_HELP, ImageDataset, load_dataset
 from server.first_layer import load_first_layer
 from server.plan import RunPlan
 from simulation.errors import UsageError
@@ -135,7 +135,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser, *, run_help: str | None
     group.add_argument("--holder-seed", type=non_negative_int, default=None, metavar="N", help=(
         "draw holder i's secrets (key and channel order) from this holder-side seed, as simulation.run --holder-seed N "
         "does (default: fresh entropy, not reproducible)"))
-    group.add_argument("--dataset", default=None, help="dataset spec as in simulation.data.load_dataset (default digits)")
+    group.add_argument("--dataset", default=None, help=f"{DATASET_CHOICES} (default digits)")
     group.add_argument("--data-dir", type=Path, default=None, help="where datasets are found or downloaded")
     group.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     group.add_argument("--model", choices=MODEL_NAMES, default=None, help="model whose first convolution is used (default cnn)")
@@ -171,7 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--out", metavar="DIR", help="run folder to create (must not exist or be empty); default "
         "runs/<time>-<dataset>-<model>-<key family>")
     group = parser.add_argument_group("federation")
-    group.add_argument("--holders", type=int, help="number of data holders (default 10)")
+    group.add_argument("--holders", type=int, help="number of data holders (default 10; under --partition natural, "
+                       "the number of sites)")
     group.add_argument("--rounds", type=int, help="federated rounds (default 5)")
     group.add_argument("--fraction-train", type=float, help="fraction of holders sampled to train each round (default 1)")
     group.add_argument("--fraction-evaluate", type=float, help="fraction sampled to evaluate each round (default 1)")
@@ -191,10 +192,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--seed", type=int, help="experiment seed: data split, initial weights, pretraining and "
                        "sampling, all public (default 0); never the holders' keys")
     group = parser.add_argument_group("data and model")
-    group.add_argument("--dataset", help="digits (embedded), cifar10, cifar100, medmnist:NAME, npz:PATH, folder:PATH")
+    group.add_argument("--dataset", help=f"{DATASET_CHOICES} (default digits)")
     group.add_argument("--data-dir", help="where datasets live or are downloaded to")
     group.add_argument("--image-size", type=int, help="resize images to this side")
-    group.add_argument("--partition", help="iid or dirichlet:ALPHA (default iid)")
+    group.add_argument("--partition", metavar="NAME[:ARG,...]", help="how the training images are shared among the "
+                       f"holders, by Flower Datasets' partitioners (default iid): {PARTITION_HELP}")
     group.add_argument("--test-fraction", type=float, help="share of each holder's images kept for its test split")
     group.add_argument("--public-fraction", type=float, help="share of training images public to the server")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop+flip before morphing "

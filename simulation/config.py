@@ -12,6 +12,7 @@ from typing import Any
 
 from clients.keys import ENTRY_DISTRIBUTIONS, FAMILIES
 from clients.secrets import SHUFFLE_MODES
+from simulation.data import named_sites, parse_partition
 from simulation.errors import UsageError
 from simulation.models import MODEL_NAMES
 
@@ -140,6 +141,7 @@ def check_holder_settings(settings) -> None:
     check_choice("key-entries", settings.key_entries, ENTRY_DISTRIBUTIONS)
     check_choice("key-padding", settings.key_padding, KEY_PADDING_MODES)
     check_choice("shuffle", settings.shuffle, SHUFFLE_MODES)
+    parse_partition(settings.partition)
     for name in ("block_size", "image_size"):
         if getattr(settings, name) is not None:
             check_positive_int(name.replace("_", "-"), getattr(settings, name))
@@ -183,7 +185,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(overrides: dict[str, Any], preset: str | Path | None = None) -> ExperimentConfig:
-    """Defaults, then the preset, then explicit overrides (None means 'not given')."""
+    """Defaults, then the preset, then explicit overrides (None means 'not given'). Under --partition natural the
+    number of holders, unless given, is the data's number of sites."""
     values = load_toml(preset) if preset else {}
     values.update({key: value for key, value in overrides.items() if value is not None})
     defaults = ExperimentConfig()
@@ -193,6 +196,8 @@ def build_config(overrides: dict[str, Any], preset: str | Path | None = None) ->
             values[name] = float(value)
         elif expected in (int, float, str, list, dict) and not _is_type(value, expected):
             raise UsageError(f"setting {name.replace('_', '-')} must be {expected.__name__}, got {value!r}")
+    if "holders" not in values and parse_partition(values.get("partition", defaults.partition))[0].name == "natural":
+        values["holders"] = len(named_sites(values.get("dataset", defaults.dataset))) or defaults.holders
     return ExperimentConfig(**values).validate()
 
 

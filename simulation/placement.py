@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from simulation.data import ImageDataset, load_dataset, partition, split_holder
+from simulation.data import ImageDataset, load_dataset, natural_sites, partition, partition_cache_dir, split_holder
 from simulation.errors import UsageError
 from simulation.seeds import derive_seed
 
@@ -67,7 +67,9 @@ def _placement(dataset_spec, data_dir, image_size, holders, scheme, test_fractio
             f"at least 2, so at most {len(private) // 2} holders; use fewer holders, a smaller --public-fraction or "
             "a larger dataset"
         )
-    parts = partition(dataset.train.labels[private], holders, scheme, seed=derive_seed(seed, "partition"), min_size=2)
+    sites = natural_sites(dataset, holders, scheme)
+    parts = partition(dataset.train.labels[private], holders, scheme, seed=derive_seed(seed, "partition"), min_size=2,
+                      sites=None if sites is None else sites[private], cache_dir=partition_cache_dir(data_dir))
     train, test = [], []
     for holder, part in enumerate(parts):
         holder_train, holder_test = split_holder(private[part], test_fraction, seed=derive_seed(seed, "split", holder))
