@@ -268,10 +268,10 @@ def plot_tradeoff(rows: Sequence[dict], path: Path) -> Path:
     memory_axes.set_xlabel("AugConv memory (MiB, log)")
     memory_axes.set_ylabel("ciphertext-only residual correlation")
     memory_axes.set_title("memory against ciphertext-only leakage (higher: more leaks)", fontsize=9)
-    memory_axes.legend(fontsize=7, loc="upper right")
+    memory_axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)  # below: points reach 1
     for axes in (cost_axes, memory_axes):
         axes.grid(alpha=0.3)
-    figure.suptitle("keys: what each holder's key costs, and what breaks it (one marker per holder)", fontsize=10)
+    figure.suptitle("keys: what each holder's key costs, and what breaks it (one marker per key geometry, labelled with its holders)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
