@@ -137,6 +137,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser, *, run_help: str | None
         "does (default: fresh entropy, not reproducible)"))
     group.add_argument("--dataset", default=None, help=f"{DATASET_CHOICES} (default digits)")
     group.add_argument("--data-dir", type=Path, default=None, help="where datasets are found or downloaded")
+    group.add_argument("--download", action="store_true", help="fetch a missing cifar10, cifar100 or medmnist: dataset into --data-dir (default: refuse, naming the file)")
     group.add_argument("--image-size", type=int, default=None, help="resize images to this square size")
     group.add_argument("--model", choices=MODEL_NAMES, default=None, help="model whose first convolution is used (default cnn)")
     group.add_argument("--first-layer", type=Path, default=None, help="load the first convolution from this checkpoint (a run's first_layer.pt: a dict whose 'first' is the conv's state dict); default: the model's random initialisation from --seed")
@@ -194,6 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("data and model")
     group.add_argument("--dataset", help=f"{DATASET_CHOICES} (default digits)")
     group.add_argument("--data-dir", help="where datasets live or are downloaded to")
+    group.add_argument("--download", action="store_true", help="fetch a missing cifar10, cifar100 or medmnist: dataset into --data-dir (default: refuse, naming the file)")
     group.add_argument("--image-size", type=int, help="resize images to this side")
     group.add_argument("--partition", metavar="NAME[:ARG,...]", help="how the training images are shared among the "
                        f"holders, by Flower Datasets' partitioners (default iid): {PARTITION_HELP}")
@@ -252,10 +254,12 @@ def check_floor(plan: RunPlan, floor: SecurityFloor) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment's settings from the command line; with --download, the launcher fetches a missing dataset
+    here, once (the ServerApp and the holders never download)."""
     overrides = {
         name: value
         for name, value in vars(args).items()
-        if name not in ("config", "resume", "strategy_arg", "local_layers", "fail_holders", *HOLDER_SIDE_FLAGS)
+        if name not in ("config", "resume", "download", "strategy_arg", "local_layers", "fail_holders", *HOLDER_SIDE_FLAGS)
     }
     if args.strategy_arg:
         overrides["strategy_args"] = parse_strategy_args(args.strategy_arg)
@@ -263,7 +267,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         overrides["local_layers"] = [item.strip() for item in args.local_layers.split(",") if item.strip()]
     if args.fail_holders is not None:
         overrides["fail_holders"] = _int_list("--fail-holders", args.fail_holders)
-    return build_config(overrides, args.config)
+    config = build_config(overrides, args.config)
+    if args.download:
+        load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size, download=True)
+    return config
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -328,7 +335,7 @@ def setup_from_arguments(args: argparse.Namespace, *, holders: int | None, with_
     settings = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in DEFAULTS.items()}
     if args.padding is not None and args.key_padding is not None:
         raise UsageError("--padding and --key-padding both set the key padding; give one of them")
-    dataset = load_dataset(settings["dataset"], data_dir=args.data_dir, image_size=args.image_size)
+    dataset = load_dataset(settings["dataset"], data_dir=args.data_dir, image_size=args.image_size, download=args.download)
     model, source = (None, "not used")
     if with_model or settings["key_padding"] == "conv":
         model, source = setup_model(settings["model"], dataset, seed=args.seed, path=args.first_layer)

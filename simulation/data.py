@@ -118,7 +118,7 @@ def partition_cache_dir(data_dir: str | Path | None) -> Path:
 
 
 def load_dataset(
-    spec: str, *, data_dir: str | Path | None = None, image_size: int | None = None, download: bool = True
+    spec: str, *, data_dir: str | Path | None = None, image_size: int | None = None, download: bool = False
 ) -> ImageDataset:
     """Load a dataset by spec (see `DATASET_CHOICES`).
 
@@ -643,8 +643,8 @@ def _load_cifar(kind: str, data_dir: Path, download: bool):
     if not folder.is_dir():
         if not download:
             raise DataError(
-                f"{kind} folder {folder} not found and download is off; expected the standard "
-                f"{source.base_folder} folder from {source.url} extracted into {data_dir}"
+                f"{kind} folder {folder} not found and download is off; pass --download to fetch it from "
+                f"{source.url} into {data_dir}, or extract that archive there by hand"
             )
         try:
             source(root=data_dir, train=False, download=True)
@@ -720,8 +720,8 @@ def _load_medmnist(argument: str, data_dir: Path, download: bool):
     path = data_dir / f"{name}{suffix}.npz"
     if not path.is_file():
         if not download:
-            raise DataError(f"{path} not found and download is off; expected the MedMNIST file {path.name} there "
-                            f"(from {info['url' + suffix]})")
+            raise DataError(f"{path} not found and download is off; pass --download to fetch the MedMNIST file "
+                            f"{path.name} ({info['url' + suffix]}) into {data_dir}, or put it there by hand")
         _download(info["url" + suffix], path, info["MD5" + suffix])
     train, test, val, _ = _read_npz(path)
     class_names = tuple(info["label"][str(label)] for label in range(len(info["label"])))

@@ -133,17 +133,32 @@ def test_medmnist_download_writes_checked_file_atomically(shared_data, tmp_path,
     # A file:// URL exercises the real download path without any network.
     source = shared_file(shared_data, "breastmnist.npz")
     medmnist_info("breastmnist")["url"] = source.as_uri()
-    dataset = load_dataset("medmnist:breastmnist", data_dir=tmp_path / "cache")
+    dataset = load_dataset("medmnist:breastmnist", data_dir=tmp_path / "cache", download=True)
 
     assert (tmp_path / "cache" / "breastmnist.npz").read_bytes() == source.read_bytes()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["breastmnist.npz"]
     assert len(dataset.train) == 546
 
 
+def test_a_run_downloads_only_when_told_to(shared_data, tmp_path, medmnist_info, capsys):
+    from simulation.run import main
+
+    medmnist_info("breastmnist")["url"] = shared_file(shared_data, "breastmnist.npz").as_uri()
+    argv = ["--dataset", "medmnist:breastmnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "download is off; pass --download" in error
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    # Told to, the launcher fetches it before planning; 1000 holders then stop the run before it starts.
+    assert main([*argv, "--download", "--holders", "1000"]) == 2
+    assert "each holder needs at least 2" in capsys.readouterr().err
+    assert (tmp_path / "data" / "breastmnist.npz").is_file() and not (tmp_path / "run").exists()
+
+
 def test_medmnist_download_rejects_wrong_checksum_and_leaves_nothing(shared_data, tmp_path, medmnist_info):
     medmnist_info("breastmnist")["url"] = shared_file(shared_data, "pneumoniamnist.npz").as_uri()
     assert_data_error(
-        lambda: load_dataset("medmnist:breastmnist", data_dir=tmp_path), "MD5", tmp_path / "breastmnist.npz"
+        lambda: load_dataset("medmnist:breastmnist", data_dir=tmp_path, download=True), "MD5", tmp_path / "breastmnist.npz"
     )
     assert list(tmp_path.iterdir()) == []
 
@@ -151,7 +166,7 @@ def test_medmnist_download_rejects_wrong_checksum_and_leaves_nothing(shared_data
 def test_medmnist_failed_download_names_url_and_target(tmp_path, medmnist_info):
     medmnist_info("octmnist")["url"] = (tmp_path / "nowhere" / "octmnist.npz").as_uri()
     assert_data_error(
-        lambda: load_dataset("medmnist:octmnist", data_dir=tmp_path), tmp_path / "octmnist.npz", "nowhere"
+        lambda: load_dataset("medmnist:octmnist", data_dir=tmp_path, download=True), tmp_path / "octmnist.npz", "nowhere"
     )
     assert list(tmp_path.iterdir()) == []
 
