@@ -25,12 +25,15 @@ from flwr.clientapp.mod import fixedclipping_mod
 from clients.floor import SecurityFloor
 from clients.holder import Holder, HolderCache, conv_fingerprint, holder_folder_name
 from clients.secrets import HolderProvision, holder_secrets
+from simulation.config import HOLDER_DP
 from simulation.models import SplitModel, build_model, permute_first_layer_channels
 from simulation.placement import placement_for
 from simulation.protocol import (
     ACTION,
     ARRAYS,
     CONFIG,
+    DP_EPSILON,
+    DP_NOISE,
     EVAL_ACCURACY,
     EVAL_LOSS,
     FIRST_LAYER,
@@ -48,7 +51,7 @@ from simulation.protocol import (
     VAL_ACCURACY,
     HolderSettings,
 )
-from simulation.training import evaluate, pick_device, train_epochs
+from simulation.training import evaluate, pick_device, train_epochs, train_epochs_dp
 
 FLOOR_NODE_CONFIG = {"key-families", "min-block-size"}
 
@@ -93,10 +96,12 @@ def settings_of(message: Message) -> HolderSettings:
 
 def _skeleton(settings: HolderSettings, image_shape, num_classes: int) -> SplitModel:
     """One model per process and experiment; every call overwrites its whole state, so it can be reused."""
-    name = json.dumps([settings.model, list(image_shape), num_classes])
+    dp_sgd = settings.dp == HOLDER_DP  # as the server's initial model (server.first_layer.initial_model)
+    name = json.dumps([settings.model, list(image_shape), num_classes, dp_sgd])
     if name not in _STATE.skeletons:
         _STATE.skeletons[name] = build_model(
-            settings.model, in_channels=image_shape[0], num_classes=num_classes, image_size=tuple(image_shape[1:])
+            settings.model, in_channels=image_shape[0], num_classes=num_classes, image_size=tuple(image_shape[1:]),
+            dp_sgd=dp_sgd,
         )
     return _STATE.skeletons[name]
 
@@ -231,23 +236,28 @@ def train(message: Message, context: Context, side: HolderSide) -> Message:
     val_loss, val_accuracy = job.evaluate_test_split()
     torch.manual_seed(job.local_seed("dropout"))
     proximal_mu = float(config.get("proximal-mu", 0.0))
-    loss, accuracy, _ = train_epochs(
-        holder.first,
-        job.backbone,
-        holder.batches("train", shuffle_seed=job.local_seed("batches")),
-        epochs=settings.local_epochs,
-        lr=float(config.get("lr", settings.lr)),
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        proximal_mu=proximal_mu,
-        anchor=job.received if proximal_mu > 0 else None,
-    )
+    common = dict(epochs=settings.local_epochs, lr=float(config.get("lr", settings.lr)), momentum=settings.momentum,
+                  weight_decay=settings.weight_decay, proximal_mu=proximal_mu,
+                  anchor=job.received if proximal_mu > 0 else None)
+    privacy = {}
+    if settings.dp == HOLDER_DP:
+        plan = holder.dp_plan
+        batches = holder.poisson_batches(plan.sample_rate, plan.steps_per_epoch, seed=job.local_seed("batches"))
+        loss, accuracy, _, steps = train_epochs_dp(
+            holder.first, job.backbone, batches, noise_multiplier=plan.noise_multiplier, clip=plan.clip,
+            expected_batch_size=plan.expected_batch_size, noise_seed=job.local_seed("dp-noise"), **common)
+        holder.privacy.record(job.server_round, plan, steps)
+        privacy = {DP_EPSILON: holder.privacy.epsilon(plan.delta), DP_NOISE: plan.noise_multiplier}
+    else:
+        batches = holder.batches("train", shuffle_seed=job.local_seed("batches"))
+        loss, accuracy, _ = train_epochs(holder.first, job.backbone, batches, **common)
     job.save_local()
     metrics = {
         NUM_EXAMPLES: holder.num_examples("train"),
         TRAIN_LOSS: loss,
         TRAIN_ACCURACY: accuracy,
         VAL_ACCURACY: _finite(val_accuracy),
+        **privacy,
     }
     return _reply(message, job.reply_arrays(), metrics, job.holder_id)
 

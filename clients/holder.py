@@ -21,6 +21,7 @@ from clients.augconv import AugConv
 from clients.floor import SecurityFloor
 from clients.keys import HolderKey
 from clients.morphing import morph
+from clients.privacy import DPPlan, PrivacyLedger, dp_plan
 from clients.secrets import HolderSecrets, channel_order, draw_key
 from simulation.data import ImageDataset, image_batches, load_dataset
 from simulation.errors import UsageError
@@ -140,6 +141,8 @@ class Holder:
         self.first_layer_fingerprint = conv_fingerprint(first_conv)
         self.key: HolderKey | None = None
         self.test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
+        self._dp_plan: DPPlan | None = None
+        self._privacy: PrivacyLedger | None = None
         if self.variant == "mple":
             padding = key_padding(settings.key_padding, first_conv)
             self.key = holder_key(settings, secrets, self.home, self._dataset.image_shape, padding, floor)
@@ -175,14 +178,46 @@ class Holder:
         augmentation, where on) is drawn from it, identically for both variants."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        generator = None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed)
+        return self._image_batches(split, self._indices[split], self.settings.batch_size, generator)
+
+    def _image_batches(self, split: str, indices: np.ndarray, batch_size: int, generator: torch.Generator | None):
         key = self.key
         return image_batches(
-            self._sources[split], self._indices[split], batch_size=self.settings.batch_size,
-            mean=self._dataset.mean, std=self._dataset.std,
-            generator=None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed),
-            augmentation=self.settings.augment, device=self.device,
+            self._sources[split], indices, batch_size=batch_size, mean=self._dataset.mean, std=self._dataset.std,
+            generator=generator, augmentation=self.settings.augment, device=self.device,
             transform=None if key is None else (lambda images: morph(images, key)),
         )
+
+    def poisson_batches(self, sample_rate: float, steps: int, *, seed: int) -> Callable[[], Iterator]:
+        """DP-SGD's training batches (--dp holder): each pass is `steps` batches, each taking every training image
+        independently with probability `sample_rate` (Poisson sampling, as the accountant assumes), so a batch may be
+        empty; drawn, with augmentation where on, from `seed`."""
+        generator = torch.Generator().manual_seed(seed)
+        indices = self._indices["train"]
+        empty = (torch.empty(0, device=self.device), torch.empty(0, dtype=torch.long, device=self.device))
+
+        def iterate():
+            for _ in range(steps):
+                chosen = indices[(torch.rand(len(indices), generator=generator) < sample_rate).numpy()]
+                yield next(iter(self._image_batches("train", chosen, max(1, len(chosen)), generator)()), empty)
+
+        return iterate
+
+    # ------------------------------------------------------------ differential privacy (--dp holder)
+    @property
+    def dp_plan(self) -> DPPlan:
+        """Sample rate, steps and noise multiplier (calibrated once to a target epsilon, if the run sets one)."""
+        if self._dp_plan is None:
+            self._dp_plan = dp_plan(self.settings, self.num_examples("train"))
+        return self._dp_plan
+
+    @property
+    def privacy(self) -> PrivacyLedger:
+        """This variant's accountant history, in the holder's own folder."""
+        if self._privacy is None:
+            self._privacy = PrivacyLedger(self.home / f"dp-{self.variant}.json")
+        return self._privacy
 
     # ------------------------------------------------------------ local state
     def local_state_path(self, server_round: int) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from simulation.config import ExperimentConfig
+from simulation.config import HOLDER_DP, ExperimentConfig
 from simulation.data import image_batches
 from simulation.errors import UsageError
 from simulation.models import SplitModel, build_model
@@ -17,7 +17,8 @@ from simulation.training import pick_device, train_epochs
 
 
 def initial_model(config: ExperimentConfig, placement: DataPlacement) -> SplitModel:
-    """The same random initial weights for MpLe and its baseline, drawn from the experiment seed."""
+    """The same random initial weights for MpLe and its baseline, drawn from the experiment seed; under --dp holder
+    with GroupNorms for BatchNorms, as the holders build it (Opacus' per-sample gradients need that)."""
     dataset = placement.dataset
     torch.manual_seed(derive_seed(config.seed, "model"))
     return build_model(
@@ -25,6 +26,7 @@ def initial_model(config: ExperimentConfig, placement: DataPlacement) -> SplitMo
         in_channels=dataset.channels,
         num_classes=dataset.num_classes,
         image_size=tuple(dataset.image_shape[1:]),
+        dp_sgd=config.dp == HOLDER_DP,
     )
 
 

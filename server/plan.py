@@ -16,8 +16,9 @@ from flwr.app import ArrayRecord
 from clients.augconv import CONSTRUCTION_CHUNK_BYTES, augconv_bytes
 from clients.holder import key_padding
 from clients.keys import check_key_geometry
+from clients.privacy import check_delta
 from server.first_layer import initial_model, load_first_layer
-from simulation.config import ExperimentConfig
+from simulation.config import HOLDER_DP, UPDATE_DP_MODES, ExperimentConfig
 from simulation.errors import UsageError
 from simulation.models import SplitModel, order_sensitive_keys, under_prefix
 from simulation.placement import DataPlacement, placement_for
@@ -59,6 +60,8 @@ def plan_run(config: ExperimentConfig) -> RunPlan:
     check_memory(config, placement.dataset.image_shape, model, padding)
     block_size = check_key_geometry(placement.dataset.image_shape, config.key_family, config.block_size, padding)
     shared = shared_backbone_names(model, config)
+    if config.dp == HOLDER_DP:
+        check_delta(config.dp_delta, max(len(train) for train in placement.holder_train))
     make_strategy(config)
     return RunPlan(config, placement, model, shared, block_size)
 
@@ -135,7 +138,7 @@ def make_strategy(config: ExperimentConfig):
         min_evaluate_holders=config.min_holders,
         learning_rate=config.lr,
     )
-    if config.dp:
+    if config.dp in UPDATE_DP_MODES:
         strategy = with_differential_privacy(
             strategy, mode=config.dp, noise_multiplier=config.dp_noise, clipping_norm=config.dp_clip,
             num_sampled_holders=sampled_train_holders(strategy, config.holders),

@@ -13,11 +13,13 @@ from torch import nn
 from server.audit import AuditGrid
 from server.checkpoint import Checkpoints, RoundState
 from server.plan import RunPlan, make_strategy
+from simulation.config import HOLDER_DP
 from simulation.errors import UsageError
 from simulation.protocol import (
     ACTION,
     ARRAYS,
     CONFIG,
+    DP_EPSILON,
     EVAL_ACCURACY,
     EVAL_LOSS,
     EVALUATE_METRICS,
@@ -183,6 +185,7 @@ class RoundLoop:
                 state.arrays = ArrayRecord(valid_backbone(arrays.to_torch_state_dict(), self.shared))
         return {
             "round": state.round,
+            "dp_epsilon": self._epsilon_so_far(ok),
             "train_loss": weighted_mean(ok, TRAIN_LOSS),
             "train_accuracy": weighted_mean(ok, TRAIN_ACCURACY),
             "holders_trained": len(ok),
@@ -192,6 +195,15 @@ class RoundLoop:
                                        if reply.has_error()}),
             "per_holder": self._per_holder(ok, TRAIN_METRICS),
         }
+
+    def _epsilon_so_far(self, replies) -> float | None:
+        """--dp holder: the largest epsilon any holder has spent so far (a holder's own only grows, and one not
+        sampled this round keeps what it had); None without holder DP."""
+        if self.config.dp != HOLDER_DP:
+            return None
+        earlier = [row["dp_epsilon"] for row in self.state.rows if row.get("dp_epsilon") is not None]
+        spent = [float(reply.content[METRICS][DP_EPSILON]) for reply in replies if DP_EPSILON in reply.content[METRICS]]
+        return max(earlier + spent, default=None)
 
     def _evaluate_round(self, **config) -> dict:
         state = self.state
@@ -227,6 +239,8 @@ class RoundLoop:
             "federated_loss": last.get("loss"),
             "first_round_train_loss": rows[0]["train_loss"] if rows else None,
             "rounds": len(rows),
+            **({"dp_epsilon": last.get("dp_epsilon"), "dp_delta": self.config.dp_delta}
+               if self.config.dp == HOLDER_DP else {}),
         }
 
     def _per_holder(self, replies, names) -> dict[str, dict]:

@@ -181,9 +181,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--strategy", help="built-in name (fedavg, fedprox, fedadam, ...), FILE.py:Class or module:Class")
     group.add_argument("--strategy-arg", action="append", metavar="KEY=VALUE", help="strategy option, repeatable")
     group.add_argument("--local-layers", metavar="PREFIX[,PREFIX]", help="backbone layers that never leave a holder")
-    group.add_argument("--dp", choices=DP_MODES, help="differential privacy with fixed clipping on backbone updates")
-    group.add_argument("--dp-noise", type=float, help="DP noise multiplier (default 0)")
-    group.add_argument("--dp-clip", type=float, help="DP clipping norm (default 10)")
+    group.add_argument("--dp", choices=DP_MODES, help="differential privacy: server or client, Flower's fixed clipping "
+                       "of whole backbone updates (no epsilon); holder, DP-SGD at each holder with Opacus (per-sample "
+                       "clipping, Poisson-sampled batches, an RDP accountant: each holder's spent epsilon per round in "
+                       "metrics.json, metrics.csv and curves.png). Opacus cannot clip per sample through BatchNorm, "
+                       "so under --dp holder every BatchNorm of the model (cnn, vgg16_bn, resnet18) is a GroupNorm, "
+                       "on the server and at the holders alike")
+    group.add_argument("--dp-noise", type=float, help="DP noise multiplier (default 0; --dp holder needs it above 0 "
+                       "or --dp-epsilon)")
+    group.add_argument("--dp-clip", type=float, help="DP clipping norm: of each update (server, client; default 10) or "
+                       "of each example's gradient (holder; default 1)")
+    group.add_argument("--dp-epsilon", type=float, help="--dp holder: the epsilon each holder may spend over the whole "
+                       "run; each calibrates its noise multiplier to it for --rounds x --local-epochs of its steps, "
+                       "assuming it is sampled every round (instead of --dp-noise)")
+    group.add_argument("--dp-delta", type=float, help="--dp holder: the delta of (epsilon, delta)-DP, below 1 / the "
+                       "largest holder's training images (default 1e-5)")
     group = parser.add_argument_group("training")
     group.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
     group.add_argument("--batch-size", type=int, help="batch size (default 32)")

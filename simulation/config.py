@@ -16,7 +16,10 @@ from simulation.data import named_sites, parse_partition
 from simulation.errors import UsageError
 from simulation.models import MODEL_NAMES
 
-DP_MODES = ("server", "client")
+UPDATE_DP_MODES = ("server", "client")  # Flower's fixed-clipping wrappers on whole backbone updates
+HOLDER_DP = "holder"  # DP-SGD at each holder (Opacus): per-sample clipping, noise, an accountant
+DP_MODES = (*UPDATE_DP_MODES, HOLDER_DP)
+HOLDER_DP_CLIP = 1.0  # --dp holder's default per-sample clipping norm (update clipping's is 10)
 KEY_PADDING_MODES = ("none", "conv")
 
 
@@ -55,6 +58,8 @@ class ExperimentConfig:
     dp: str | None = None
     dp_noise: float = 0.0
     dp_clip: float = 10.0
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
     fail_holders: list[int] = field(default_factory=list)
     fail_stage: str = "train"
     cpus_per_holder: float = 1.0
@@ -69,7 +74,6 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         check_holder_settings(self)
-        check_positive_int("rounds", self.rounds)
         check_positive_int("pretrain-epochs", self.pretrain_epochs)
         check_number_in("fraction-train", self.fraction_train, 0.0, 1.0, lower_open=True)
         check_number_in("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
@@ -92,9 +96,9 @@ class ExperimentConfig:
             raise UsageError(f"first-layer file {path} does not exist; give the path of a .pt checkpoint")
         if kind == "pretrain" and self.public_fraction <= 0:
             raise UsageError("--first-layer pretrain needs a public split: set --public-fraction above 0")
-        if self.dp is not None:
-            check_number_in("dp-noise", self.dp_noise, 0.0, float("inf"))
-            check_positive_number("dp-clip", self.dp_clip)
+        if self.dp == HOLDER_DP and self.strategy == "qfedavg":
+            raise UsageError("--strategy qfedavg weights each update by the holder's training loss, which DP-SGD does "
+                             "not privatise, so --dp holder's epsilon would not cover the model; use another strategy")
         for holder in self.fail_holders:
             if isinstance(holder, bool) or not isinstance(holder, int) or not 0 <= holder < self.holders:
                 raise UsageError(
@@ -126,7 +130,7 @@ class ExperimentConfig:
 def check_holder_settings(settings) -> None:
     """The checks of the settings a holder receives too (an ExperimentConfig, or simulation.protocol's
     HolderSettings as it arrives at the holder)."""
-    for name in ("holders", "local_epochs", "batch_size", "holder_cache"):
+    for name in ("holders", "rounds", "local_epochs", "batch_size", "holder_cache"):
         check_positive_int(name.replace("_", "-"), getattr(settings, name))
     check_non_negative_int("seed", settings.seed)
     check_positive_number("lr", settings.lr)
@@ -147,6 +151,26 @@ def check_holder_settings(settings) -> None:
             check_positive_int(name.replace("_", "-"), getattr(settings, name))
     if settings.dp is not None:
         check_choice("dp", settings.dp, DP_MODES)
+        check_number_in("dp-noise", settings.dp_noise, 0.0, float("inf"))
+        check_positive_number("dp-clip", settings.dp_clip)
+    check_dp_budget(settings)
+
+
+def check_dp_budget(settings) -> None:
+    """--dp holder needs a noise multiplier or a target epsilon (one of them), and a delta in (0, 1)."""
+    if settings.dp != HOLDER_DP:
+        if settings.dp_epsilon is not None:
+            raise UsageError("--dp-epsilon is a budget for DP-SGD at the holders; add --dp holder (or drop it)")
+        return
+    check_number_in("dp-delta", settings.dp_delta, 0.0, 1.0, lower_open=True, upper_open=True)
+    if settings.dp_epsilon is not None:
+        check_positive_number("dp-epsilon", settings.dp_epsilon)
+        if settings.dp_noise > 0:
+            raise UsageError("--dp holder takes --dp-noise or a target --dp-epsilon, not both; the holders calibrate "
+                             "the noise to the epsilon themselves")
+    elif settings.dp_noise <= 0:
+        raise UsageError("--dp holder needs --dp-noise above 0 (a noise multiplier, e.g. 1.0) or a target --dp-epsilon "
+                         "(e.g. 8); without noise no epsilon holds")
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
@@ -186,7 +210,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def build_config(overrides: dict[str, Any], preset: str | Path | None = None) -> ExperimentConfig:
     """Defaults, then the preset, then explicit overrides (None means 'not given'). Under --partition natural the
-    number of holders, unless given, is the data's number of sites."""
+    number of holders, unless given, is the data's number of sites; under --dp holder the clipping norm, unless
+    given, is HOLDER_DP_CLIP."""
     values = load_toml(preset) if preset else {}
     values.update({key: value for key, value in overrides.items() if value is not None})
     defaults = ExperimentConfig()
@@ -196,6 +221,8 @@ def build_config(overrides: dict[str, Any], preset: str | Path | None = None) ->
             values[name] = float(value)
         elif expected in (int, float, str, list, dict) and not _is_type(value, expected):
             raise UsageError(f"setting {name.replace('_', '-')} must be {expected.__name__}, got {value!r}")
+    if values.get("dp") == HOLDER_DP and "dp_clip" not in values:
+        values["dp_clip"] = HOLDER_DP_CLIP  # per-sample gradients are clipped, not whole updates
     if "holders" not in values and parse_partition(values.get("partition", defaults.partition))[0].name == "natural":
         values["holders"] = len(named_sites(values.get("dataset", defaults.dataset))) or defaults.holders
     return ExperimentConfig(**values).validate()

@@ -29,8 +29,17 @@ Architectures (`build_model` names):
   torchvision) and there is no max-pool.
 
 Layers are initialised the way torchvision initialises the networks they come from.
+
+With `dp_sgd=True` (`--dp holder`: Opacus computes per-sample gradients, and a BatchNorm mixes the examples of a
+batch) every `BatchNorm2d` is a `GroupNorm` of as many channels, with `gcd(32, channels)` groups as Opacus'
+`ModuleValidator.fix` chooses, except the norms indexed by the first convolution's output channels, which get one
+group per channel: a holder's secret channel order must not change what the model computes, and only one group per
+channel (or a single group) is indifferent to the order. Their state_dict keys are the BatchNorms' `weight` and
+`bias`, without running statistics. Its ReLUs and ResNet's residual additions are not in place either (Opacus'
+backward hooks refuse a layer output modified in place); the function is the same.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -108,9 +117,10 @@ class SmallCNN(nn.Module):
 
 
 def build_model(
-    name: str, *, in_channels: int, num_classes: int, image_size: int | tuple[int, int]
+    name: str, *, in_channels: int, num_classes: int, image_size: int | tuple[int, int], dp_sgd: bool = False
 ) -> SplitModel:
-    """Build model `name` (one of `MODEL_NAMES`) for `in_channels` x `image_size` images, split for MpLe.
+    """Build model `name` (one of `MODEL_NAMES`) for `in_channels` x `image_size` images, split for MpLe; with
+    `dp_sgd`, ready for Opacus' per-sample gradients: GroupNorms for BatchNorms (see the module's docstring).
 
     Raises `UsageError` for an unknown name, fewer than 1 input channel, fewer than 2 classes or an image
     side under `MIN_IMAGE_SIZE`.
@@ -123,16 +133,31 @@ def build_model(
         raise UsageError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
     height, width = _image_sides(image_size)
     if name == "cnn":
-        return _split_cnn(in_channels, num_classes)
-    if name == "resnet18":
-        return _split_resnet18(in_channels, num_classes)
-    return _split_vgg16(
-        batch_norm=name == "vgg16_bn",
-        in_channels=in_channels,
-        num_classes=num_classes,
-        height=height,
-        width=width,
-    )
+        model = _split_cnn(in_channels, num_classes)
+    elif name == "resnet18":
+        model = _split_resnet18(in_channels, num_classes, out_of_place=dp_sgd)
+    else:
+        model = _split_vgg16(
+            batch_norm=name == "vgg16_bn",
+            in_channels=in_channels,
+            num_classes=num_classes,
+            height=height,
+            width=width,
+        )
+    if dp_sgd:
+        _for_per_sample_gradients(model)
+    return model
+
+
+def _for_per_sample_gradients(model: SplitModel) -> None:
+    for name, module in list(model.backbone.named_modules()):
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+        elif isinstance(module, nn.BatchNorm2d):
+            channels = module.num_features
+            indexed = f"{name}.weight" in model.channel_dims
+            groups = channels if indexed else math.gcd(32, channels)
+            model.backbone.set_submodule(name, nn.GroupNorm(groups, channels, affine=module.affine))
 
 
 def order_sensitive_keys(model: SplitModel) -> list[str]:
@@ -270,10 +295,24 @@ def _init_vgg_layer(layer: nn.Module) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def _split_resnet18(in_channels: int, num_classes: int) -> SplitModel:
+class OutOfPlaceBasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock computing the same, with its residual added out of place: Opacus' backward hooks
+    refuse `out += identity` on a layer's output (--dp holder). A BasicBlock becomes one by swapping its class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def _split_resnet18(in_channels: int, num_classes: int, *, out_of_place: bool = False) -> SplitModel:
     import torchvision
 
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if out_of_place:
+        for block in model.modules():
+            if isinstance(block, torchvision.models.resnet.BasicBlock):
+                block.__class__ = OutOfPlaceBasicBlock
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()

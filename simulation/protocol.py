@@ -46,7 +46,9 @@ TRAIN_ACCURACY = "train_accuracy"
 VAL_ACCURACY = "val_accuracy"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
-TRAIN_METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, VAL_ACCURACY, NUM_EXAMPLES)
+DP_EPSILON = "dp_epsilon"  # --dp holder: the epsilon the holder has spent so far in this run (at the run's delta)
+DP_NOISE = "dp_noise"  # --dp holder: the noise multiplier it trained with (calibrated to --dp-epsilon, or --dp-noise)
+TRAIN_METRICS = (TRAIN_LOSS, TRAIN_ACCURACY, VAL_ACCURACY, NUM_EXAMPLES, DP_EPSILON, DP_NOISE)
 EVALUATE_METRICS = (EVAL_LOSS, EVAL_ACCURACY, NUM_EXAMPLES)
 HOLDER_ID = "holder-id"
 
@@ -93,11 +95,16 @@ class HolderSettings:
     shuffle: str
     augment: bool
     batch_size: int
+    rounds: int  # a target epsilon is spread over the run's rounds
     local_epochs: int
     lr: float
     momentum: float
     weight_decay: float
     dp: str | None
+    dp_noise: float
+    dp_clip: float
+    dp_epsilon: float | None
+    dp_delta: float
     cpus_per_holder: float
     gpus_per_holder: float
     holder_cache: int

@@ -23,7 +23,7 @@ from simulation.placement import placement_for
 from simulation.run_folder import FIRST_LAYER_FILE
 
 CSV_COLUMNS = ("variant", "round", "train_loss", "train_accuracy", "loss", "accuracy", "holders_trained",
-               "holders_evaluated", "train_failures", "evaluate_failures", "counted", "seconds")
+               "holders_evaluated", "train_failures", "evaluate_failures", "counted", "dp_epsilon", "seconds")
 
 
 def write_setup(config: ExperimentConfig, run_dir: Path) -> None:
@@ -124,8 +124,10 @@ VARIANT_STYLES = {  # one line style per variant; the baseline's open, larger ma
 def plot_curves(results: dict[str, dict], path: Path) -> None:
     """Loss and accuracy per round: a colour per metric, a line style per variant, whole-number rounds, and the final
     accuracy on the official test split beside the federated one (they are measured on different images)."""
-    figure = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = dict(zip(("loss", "accuracy"), figure.subplots(1, 2)))
+    private = any(row.get("dp_epsilon") is not None for metrics in results.values() for row in metrics["rounds"])
+    panels = ("loss", "accuracy", "privacy") if private else ("loss", "accuracy")
+    figure = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    axes = dict(zip(panels, figure.subplots(1, len(panels))))
     for variant, metrics in results.items():
         style = VARIANT_STYLES[variant]
         rows = metrics["rounds"]
@@ -138,6 +140,8 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
             axes["accuracy"].plot([rows[-1]["round"]], [final], color="tab:red", linestyle="none",
                                   marker="*" if variant == "mple" else "P", markersize=12 if variant == "mple" else 9,
                                   label=f"{style['label']}: final accuracy, official test split ({final:.3f})")
+    if private:
+        _plot_epsilon(axes["privacy"], results)
     coincide = "mple" in results and "baseline" in results and _curves_coincide(results["mple"], results["baseline"])
     note = " — MpLe and baseline coincide (AugConv is exact): dashed baseline over solid MpLe" if coincide else ""
     axes["loss"].set(title="Loss per round", xlabel="round", ylabel="cross-entropy")
@@ -148,6 +152,27 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
         panel.legend(fontsize=7)
     figure.suptitle(f"Federated training{note}", fontsize=10)
     figure.savefig(path, dpi=110)
+
+
+def _plot_epsilon(panel, results: dict[str, dict]) -> None:
+    """--dp holder: each holder's spent epsilon after each round it trained (thin), and the largest so far."""
+    for variant, metrics in results.items():
+        style = VARIANT_STYLES[variant]
+        rows = metrics["rounds"]
+        spent: dict[str, list] = {}
+        for row in rows:
+            for holder, values in row.get("per_holder", {}).items():
+                if values.get("dp_epsilon") is not None:
+                    spent.setdefault(holder, []).append((row["round"], values["dp_epsilon"]))
+        for index, points in enumerate(spent.values()):
+            panel.plot(*zip(*points), color="tab:gray", alpha=0.4, linewidth=0.7, linestyle=style["linestyle"],
+                       label=f"{style['label']}: each holder" if index == 0 else None)
+        points = [(row["round"], row["dp_epsilon"]) for row in rows if row.get("dp_epsilon") is not None]
+        if points:
+            panel.plot(*zip(*points), color="tab:purple", **{**style, "label": f"{style['label']}: largest epsilon"})
+    delta = next(iter(results.values()))["final"].get("dp_delta")
+    panel.set(title=f"Privacy spent (DP-SGD, delta = {delta:g})" if delta else "Privacy spent (DP-SGD)",
+              xlabel="round", ylabel="epsilon")
 
 
 def _curves_coincide(first: dict, second: dict, tolerance: float = 1e-2) -> bool:
@@ -161,6 +186,8 @@ def _curves_coincide(first: dict, second: dict, tolerance: float = 1e-2) -> bool
 
 def _final_text(final: dict) -> str:
     text = f"final test accuracy (official test split, mean over holders): {final['accuracy']:.4f}"
+    if final.get("dp_epsilon") is not None:
+        text += f" at epsilon {final['dp_epsilon']:.2f} (delta {final['dp_delta']:g}, the largest holder's)"
     if "baseline_accuracy" in final:
         text += (f"; baseline {final['baseline_accuracy']:.4f}; difference {final['difference_pp']:+.2f} pp; "
                  f"first-round loss relative difference {final.get('first_round_loss_relative_difference', float('nan')):.2e}")

@@ -27,7 +27,7 @@ from clients.secrets import provision_holders
 from server.plan import make_strategy, plan_run
 from server.server_app import ServerSettings, build_server_app
 from simulation.cli import check_floor, config_from_args, floor_from_args, parse_args
-from simulation.config import ExperimentConfig
+from simulation.config import HOLDER_DP, ExperimentConfig
 from simulation.errors import UsageError
 from simulation.protocol import VARIANTS
 from simulation.report import write_report, write_setup
@@ -206,6 +206,11 @@ def run_summary(config: ExperimentConfig, variant: str) -> str:
     strategy = description["name"] + (f" ({', '.join(f'{k}={v}' for k, v in own.items())})" if own else "")
     dp = description["differential_privacy"]
     privacy = "none" if not dp else f"{dp['mode']}-side clipping {dp['clipping_norm']}, noise {dp['noise_multiplier']}"
+    if config.dp == HOLDER_DP:
+        budget = (f"noise {config.dp_noise:g}" if config.dp_epsilon is None
+                  else f"target epsilon {config.dp_epsilon:g} (each holder calibrates its noise)")
+        privacy = (f"DP-SGD at each holder (Opacus), per-sample clipping {config.dp_clip:g}, {budget}, delta "
+                   f"{config.dp_delta:g}, GroupNorm for BatchNorm")
     key = "none (baseline)" if variant == "baseline" else (
         f"{config.key_family}, q={config.block_size or 'image width'}, {config.key_entries} entries")
     return (f"   strategy {strategy}; DP {privacy}; local layers {', '.join(config.local_layers) or 'none'}; key {key}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -28,10 +29,7 @@ def train_epochs(
     parameters = [p for p in (*first.parameters(), *backbone.parameters()) if p.requires_grad]
     optimizer = SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss()
-    anchored = []
-    if proximal_mu > 0 and anchor:
-        named = dict(backbone.named_parameters())
-        anchored = [(named[name], value.detach().clone()) for name, value in anchor.items() if name in named]
+    anchored = _anchored(backbone, proximal_mu, anchor)
     first.train(any(p.requires_grad for p in first.parameters()))
     backbone.train()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -52,6 +50,86 @@ def train_epochs(
     if seen == 0:
         return float("nan"), float("nan"), 0
     return loss_sum / seen, correct / seen, seen
+
+
+def train_epochs_dp(
+    first: nn.Module,
+    backbone: nn.Module,
+    batches: Batches,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    noise_multiplier: float,
+    clip: float,
+    expected_batch_size: float,
+    noise_seed: int,
+    proximal_mu: float = 0.0,
+    anchor: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[float, float, int, int]:
+    """DP-SGD with Opacus on `backbone` behind the frozen `first`: each example's gradient clipped to L2 norm `clip`,
+    the clipped sum plus Gaussian noise of standard deviation `noise_multiplier * clip` (drawn from `noise_seed`),
+    divided by `expected_batch_size`, then torch's SGD step. `batches` must be Poisson-sampled (each example taken
+    with the accountant's sample rate, independently; a batch may be empty), or the accounting does not hold. FedProx's
+    proximal gradient mu (w - w_global) needs no data, so it is added after the noise. Returns the last epoch's (mean
+    loss, accuracy, examples) and the number of noised steps taken."""
+    from opacus import GradSampleModule  # 3 s of import, paid only by holders that train with DP
+    from opacus.optimizers import DPOptimizer
+
+    if any(p.requires_grad for p in first.parameters()):
+        raise ValueError("DP-SGD here trains the backbone behind a frozen first layer")
+    parameters = [p for p in backbone.parameters() if p.requires_grad]
+    model = GradSampleModule(backbone)  # refuses BatchNorm (build the model with dp_sgd=True)
+    device = parameters[0].device
+    optimizer = DPOptimizer(
+        torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay),
+        noise_multiplier=noise_multiplier, max_grad_norm=clip, expected_batch_size=expected_batch_size,
+        generator=torch.Generator(device=device).manual_seed(noise_seed),
+    )
+    criterion = nn.CrossEntropyLoss()
+    anchored = _anchored(backbone, proximal_mu, anchor)
+    first.eval()
+    backbone.train()
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    try:
+        with warnings.catch_warnings():
+            # The backbone's input (the frozen first layer's output) needs no gradient; torch says so at every hook.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            for _ in range(epochs):
+                loss_sum, correct, seen = 0.0, 0, 0
+                for inputs, labels in batches():
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(labels):
+                        logits = model(first(inputs))
+                        loss = criterion(logits, labels)
+                        loss.backward()
+                        loss_sum += loss.item() * len(labels)
+                        correct += (logits.argmax(1) == labels).sum().item()
+                        seen += len(labels)
+                    else:  # an empty Poisson batch: a step of noise alone, as Opacus' own data loader gives
+                        for parameter in parameters:
+                            parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
+                    optimizer.pre_step()  # clip, sum, noise, scale: p.grad
+                    with torch.no_grad():
+                        for parameter, global_value in anchored:
+                            parameter.grad.add_(parameter - global_value, alpha=proximal_mu)
+                    optimizer.original_optimizer.step()
+                    steps += 1
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.cleanup()  # the backbone is reused for the next message: no hooks, no per-sample attributes
+    if seen == 0:
+        return float("nan"), float("nan"), 0, steps
+    return loss_sum / seen, correct / seen, seen, steps
+
+
+def _anchored(backbone: nn.Module, proximal_mu: float, anchor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FedProx: (parameter, its received global value) pairs, or none without a proximal term."""
+    if not (proximal_mu > 0 and anchor):
+        return []
+    named = dict(backbone.named_parameters())
+    return [(named[name], value.detach().clone()) for name, value in anchor.items() if name in named]
 
 
 class SGD:

@@ -27,7 +27,7 @@ from server.attacks.gradient_inversion import (
 )
 from server.plan import shared_backbone_names
 from simulation.cli import attack_parser, non_negative_int, output_folder, positive_int, run_command, setup_from_arguments
-from simulation.config import DP_MODES, ExperimentConfig
+from simulation.config import UPDATE_DP_MODES, ExperimentConfig
 from simulation.errors import UsageError
 from simulation.protocol import VARIANTS
 
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                        "batch-size x local-steps images and trains one epoch over them (default 1)")
     group.add_argument("--local-layers", default="", metavar="PREFIX[,PREFIX]", help="backbone layers that never leave "
                        "the holder, as simulation.run --local-layers")
-    group.add_argument("--dp", choices=DP_MODES, default=None, help="differential privacy as simulation.run --dp: the "
+    group.add_argument("--dp", choices=UPDATE_DP_MODES, default=None, help="differential privacy as simulation.run --dp: the "
                        "server view is the clipped update (the noise is added to the aggregate); a second inversion "
                        "attacks the released view, clipped plus the noise of one holder's aggregate")
     group.add_argument("--dp-noise", type=float, default=DEFAULTS.dp_noise, help=f"noise multiplier (default {DEFAULTS.dp_noise:g})")
