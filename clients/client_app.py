@@ -246,8 +246,9 @@ def train(message: Message, context: Context, side: HolderSide) -> Message:
         loss, accuracy, _, steps = train_epochs_dp(
             holder.first, job.backbone, batches, noise_multiplier=plan.noise_multiplier, clip=plan.clip,
             expected_batch_size=plan.expected_batch_size, noise_seed=job.local_seed("dp-noise"), **common)
-        holder.privacy.record(job.server_round, plan, steps)
-        privacy = {DP_EPSILON: holder.privacy.epsilon(plan.delta), DP_NOISE: plan.noise_multiplier}
+        ledger = holder.privacy
+        ledger.record(job.server_round, plan, steps)
+        privacy = {DP_EPSILON: ledger.epsilon(plan.delta), DP_NOISE: plan.noise_multiplier}
     else:
         batches = holder.batches("train", shuffle_seed=job.local_seed("batches"))
         loss, accuracy, _ = train_epochs(holder.first, job.backbone, batches, **common)

@@ -142,7 +142,6 @@ class Holder:
         self.key: HolderKey | None = None
         self.test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
         self._dp_plan: DPPlan | None = None
-        self._privacy: PrivacyLedger | None = None
         if self.variant == "mple":
             padding = key_padding(settings.key_padding, first_conv)
             self.key = holder_key(settings, secrets, self.home, self._dataset.image_shape, padding, floor)
@@ -214,10 +213,9 @@ class Holder:
 
     @property
     def privacy(self) -> PrivacyLedger:
-        """This variant's accountant history, in the holder's own folder."""
-        if self._privacy is None:
-            self._privacy = PrivacyLedger(self.home / f"dp-{self.variant}.json")
-        return self._privacy
+        """This variant's accountant history, read from the holder's own folder (other processes may train the same
+        holder: each Ray worker keeps its own Holder objects)."""
+        return PrivacyLedger(self.home / f"dp-{self.variant}.json")
 
     # ------------------------------------------------------------ local state
     def local_state_path(self, server_round: int) -> Path:

@@ -83,6 +83,8 @@ class PrivacyLedger:
             self.rounds = _read(self.path)
 
     def record(self, server_round: int, plan: DPPlan, steps: int) -> None:
+        # The file is the record: another process (another Ray worker) may have trained this holder since.
+        self.rounds = _read(self.path) if self.path.exists() else {}
         self.rounds[int(server_round)] = (plan.noise_multiplier, plan.sample_rate, int(steps))
         record = {"version": FORMAT_VERSION, "accountant": ACCOUNTANT,
                   "rounds": {str(r): list(entry) for r, entry in sorted(self.rounds.items())}}

@@ -89,6 +89,11 @@ def test_a_round_trained_again_replaces_its_entry(tmp_path):
     assert PrivacyLedger(tmp_path / "dp.json").epsilon(1e-5) == once
     ledger.record(2, plan, 10)
     assert PrivacyLedger(tmp_path / "dp.json").epsilon(1e-5) > once
+    # Two processes (Ray workers) that each hold this holder: neither loses the other's rounds.
+    elsewhere = PrivacyLedger(tmp_path / "dp.json")
+    elsewhere.record(3, plan, 10)
+    ledger.record(4, plan, 10)
+    assert sorted(PrivacyLedger(tmp_path / "dp.json").rounds) == [1, 2, 3, 4]
     (tmp_path / "dp.json").write_text('{"version": 1, "accountant": "rdp", "rounds": {"1": [1.0, 7, 10]}}')
     with pytest.raises(UsageError, match="cannot be read"):
         PrivacyLedger(tmp_path / "dp.json")
