@@ -581,8 +581,8 @@ def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) 
     return counts
 
 
-def plot_class_counts(counts: np.ndarray, class_names, path) -> None:
-    """Save a stacked bar chart of class counts per holder as a PNG."""
+def plot_class_counts(counts: np.ndarray, class_names, path, *, scheme: str | None = None) -> None:
+    """Save a stacked bar chart of class counts per holder as a PNG; `scheme` (the --partition) goes in the title."""
     # Imported here so that loading data does not pay for matplotlib; Figure alone needs no pyplot state.
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -607,8 +607,9 @@ def plot_class_counts(counts: np.ndarray, class_names, path) -> None:
     axes.set_xlim(-0.5, holders - 0.5)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("data holder")
-    axes.set_ylabel("samples")
-    axes.set_title(f"Class counts per holder ({holders} holders, {int(counts.sum())} samples)")
+    axes.set_ylabel("images (the holder's train and test splits)")
+    split = f"--partition {scheme}, " if scheme else ""
+    axes.set_title(f"Class counts per holder\n{split}{holders} holders, {int(counts.sum())} private images", fontsize=10)
     if classes <= 20:
         axes.legend(title="class", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def write_setup(config: ExperimentConfig, run_dir: Path) -> None:
         "public": int(len(placement.public)),
         "holders": {str(i): row.tolist() for i, row in enumerate(counts)},
     })
-    plot_class_counts(counts, dataset.class_names, run_dir / "class_counts.png")
+    plot_class_counts(counts, dataset.class_names, run_dir / "class_counts.png", scheme=config.partition)
 
 
 def write_report(config: ExperimentConfig, run_dir: Path, results: dict[str, dict], *, progress=print) -> dict:
