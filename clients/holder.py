@@ -131,7 +131,7 @@ class Holder:
         self._indices = {
             "train": placement.holder_train[holder_id],
             "test": placement.holder_test[holder_id],
-            "global": np.arange(len(placement.dataset.test)),
+            "global": placement.official_test(holder_id),
         }
         if own_data:
             own = load_own_data(own_data, settings, self._dataset)

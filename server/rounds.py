@@ -226,7 +226,8 @@ class RoundLoop:
 
     def _final_evaluation(self) -> dict:
         """Every evaluated holder scores the final model on the dataset's official test split, morphed with its
-        own key (the federated rounds use the holders' own test splits)."""
+        own key, or on its own site's part of it where the split is by site (DataPlacement.official_test); the
+        federated rounds use the holders' own test splits."""
         result = self._evaluate_round(**{SPLIT: "global"})
         rows = self.state.rows
         last = rows[-1] if rows else {}

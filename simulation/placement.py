@@ -36,10 +36,19 @@ class DataPlacement:
     public: np.ndarray  # indices into dataset.train that no holder owns
     holder_train: tuple[np.ndarray, ...]
     holder_test: tuple[np.ndarray, ...]
+    by_site: bool = False  # --partition natural on data whose test images name their sites too
 
     @property
     def num_holders(self) -> int:
         return len(self.holder_train)
+
+    def official_test(self, holder: int) -> np.ndarray:
+        """Indices into dataset.test that `holder` scores the final model on: its own site's test images where the
+        split is by site and the test images name theirs (a hospital's test patients are its own, morphed with its
+        key), else the whole official test split."""
+        if self.by_site:
+            return np.flatnonzero(self.dataset.test.sites == holder)
+        return np.arange(len(self.dataset.test))
 
 
 def placement_for(settings: PlacementSettings) -> DataPlacement:
@@ -75,4 +84,5 @@ def _placement(dataset_spec, data_dir, image_size, holders, scheme, test_fractio
         holder_train, holder_test = split_holder(private[part], test_fraction, seed=derive_seed(seed, "split", holder))
         train.append(holder_train)
         test.append(holder_test)
-    return DataPlacement(dataset, public, tuple(train), tuple(test))
+    return DataPlacement(dataset, public, tuple(train), tuple(test),
+                         by_site=sites is not None and dataset.test.sites is not None)

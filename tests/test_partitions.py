@@ -9,13 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from clients.holder import Holder
+from clients.secrets import HolderSecrets
+from server.first_layer import initial_model
 from server.plan import plan_run
 from simulation.cli import config_from_args, parse_args
 from simulation.config import build_config
 from simulation.data import PARTITION_SCHEMES, load_dataset, partition
 from simulation.errors import UsageError
+from simulation.protocol import HolderSettings
 from simulation.report import write_setup
 from simulation.run import main
 
@@ -145,6 +150,29 @@ def test_natural_split_from_an_npz_with_sites(tmp_path):
     write_setup(config, tmp_path)  # the class-count table and chart of a run
     assert (tmp_path / "class_counts.png").stat().st_size > 0
     assert '"2": [' in (tmp_path / "class_counts.json").read_text()
+
+
+def test_each_site_scores_the_final_model_on_its_own_test_images(tmp_path):
+    path = site_npz(tmp_path / "clinics.npz", {"clinic-a": 40, "clinic-b": 60})
+    dataset = load_dataset(f"npz:{path}")
+    config = config_from_args(parse_args(["--dataset", f"npz:{path}", "--partition", "natural"]))
+    plan = plan_run(config)
+    settings = HolderSettings.from_config(config, "mple")
+    first = initial_model(config, plan.placement).first
+    scored = []
+    for site in range(2):
+        holder = Holder(site, settings, tmp_path / f"holder-{site}", HolderSecrets.from_holder_seed(0, site), first,
+                        torch.device("cpu"))
+        indices = holder._indices["global"]
+        assert len(indices) == holder.num_examples("global") == int((dataset.test.sites == site).sum()) > 0
+        assert (dataset.test.images[indices] == 40 * (site + 1)).all()  # that clinic's own images only
+        scored += indices.tolist()
+    assert sorted(scored) == list(range(len(dataset.test)))  # together, the whole official test split, once
+    no_test_sites = load_dataset(f"npz:{site_npz(tmp_path / 'train-only.npz', {'a': 40, 'b': 60}, test_sites=False)}")
+    assert no_test_sites.test.sites is None
+    unsited = plan_run(config_from_args(parse_args(["--dataset", f"npz:{tmp_path / 'train-only.npz'}",
+                                                    "--partition", "natural"]))).placement
+    assert unsited.official_test(1).tolist() == list(range(len(no_test_sites.test)))  # every holder: all of it
 
 
 def test_holders_that_disagree_with_the_sites_are_one_clear_line(tmp_path, capsys):
