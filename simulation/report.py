@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from clients.holder import KEY_FILE, holder_home
 from clients.keys import HolderKey
@@ -126,6 +124,9 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     accuracy on the official test split beside the federated one (they are measured on different images)."""
     private = any(row.get("dp_epsilon") is not None for metrics in results.values() for row in metrics["rounds"])
     panels = ("loss", "accuracy", "privacy") if private else ("loss", "accuracy")
+    from matplotlib.figure import Figure  # here, so that a command pays for matplotlib only when it plots
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
     axes = dict(zip(panels, figure.subplots(1, len(panels))))
     for variant, metrics in results.items():

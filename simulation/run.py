@@ -19,7 +19,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
-from flwr.simulation import run_simulation
 
 from clients.client_app import HolderSide, build_client_app
 from clients.floor import SecurityFloor
@@ -175,6 +174,8 @@ def run_variant(config: ExperimentConfig, run_dir: Path, variant: str, side: Hol
     """Run one variant on Flower's simulation engine and return its metrics."""
     settings = ServerSettings(config=config, run_dir=run_dir, variant=variant, progress=progress,
                               stop_after_round=stop_after_round)
+    from flwr.simulation import run_simulation  # 1.7 s of import, not paid by a command that stops on bad input
+
     _quiet_logs()
     instance = RayInstance(config)
     try:

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 
 from clients.keys import HolderKey
 from clients.morphing import morph
@@ -191,6 +190,8 @@ def plot_examples(truth: torch.Tensor, morphed: torch.Tensor, reconstruction: to
                   count: int = 6) -> Path:
     """True, morphed (min-max scaled) and reconstructed images side by side, one column per image."""
     count = min(count, len(truth))
+    from matplotlib.figure import Figure  # here, so that a command pays for matplotlib only when it plots
+
     figure = Figure(figsize=(1.6 * count, 5.2), layout="constrained")
     axes = figure.subplots(3, count, squeeze=False)
     low = morphed.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)

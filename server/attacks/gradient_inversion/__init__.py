@@ -52,7 +52,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.func import functional_call
@@ -277,6 +276,8 @@ def plot_reconstructions(truth: torch.Tensor, reconstruction: torch.Tensor, assi
                          title: str, count: int = 8) -> Path:
     """True images above their assigned reconstructions."""
     count = min(count, len(truth))
+    from matplotlib.figure import Figure  # here, so that a command pays for matplotlib only when it plots
+
     figure = Figure(figsize=(max(1.5 * count, 5.0), 4.0), layout="constrained")
     axes = figure.subplots(2, count, squeeze=False)
     for column in range(count):

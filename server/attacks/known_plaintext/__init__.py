@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 
 from clients.keys import HolderKey
 from clients.morphing import morph
@@ -240,6 +238,9 @@ def default_known_counts(needed: int, available: int) -> list[int]:
 
 def plot_curve(curve: list[dict], path: Path, *, title: str, needed: int) -> Path:
     """PSNR and SSIM of the decrypted images against the number of known images (log scale)."""
+
+    from matplotlib.figure import Figure  # here, so that a command pays for matplotlib only when it plots
+    from matplotlib.ticker import FuncFormatter
 
     counts = [point["known_images"] for point in curve]
     figure = Figure(figsize=(8, 3.4), layout="constrained")
