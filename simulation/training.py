@@ -101,7 +101,10 @@ def train_epochs_dp(
                 for inputs, labels in batches():
                     optimizer.zero_grad(set_to_none=True)
                     if len(labels):
-                        logits = model(first(inputs))
+                        # In the standard layout: on another (the baseline's plain frozen convolution gave one on
+                        # PneumoniaMNIST; channels-last does it too) Opacus' per-sample gradients of the next
+                        # convolution came out zero while its ordinary gradient was right.
+                        logits = model(first(inputs).contiguous(memory_format=torch.contiguous_format))
                         loss = criterion(logits, labels)
                         loss.backward()
                         loss_sum += loss.item() * len(labels)

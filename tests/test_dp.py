@@ -4,6 +4,7 @@ clipping bounds each example's part of an update; every model trains behind a fr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import stat
@@ -143,6 +144,20 @@ def test_fedprox_proximal_gradient_is_added_after_the_noise():
     # The same noise (same seed); the proximal term pulls towards the anchor by lr * mu * (w - anchor).
     weights = torch.cat([p.detach().flatten() for p in base.parameters()])
     assert torch.allclose(steps[1] - steps[0], -0.5 * weights, atol=1e-6)
+
+
+def test_the_first_layers_memory_layout_does_not_change_the_per_sample_gradients():
+    # The baseline's plain frozen convolution hands the backbone a tensor whose layout made Opacus' per-sample
+    # gradients of the next convolution zero (PneumoniaMNIST); a channels-last input does the same.
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 3), nn.Flatten(), nn.LazyLinear(2))
+    inputs, labels = torch.randn(6, 4, 12, 12), torch.tensor([0, 1, 0, 1, 1, 0])
+    backbone(inputs)
+    steps = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = copy.deepcopy(backbone)
+        steps.append(_one_step(model, inputs.to(memory_format=layout), labels, expected=6.0, clip=0.1))
+    assert torch.allclose(steps[0], steps[1], atol=1e-6) and steps[0].norm() > 0
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
