@@ -39,11 +39,6 @@ SMALL_RUN = ["--holders", "3", "--rounds", "3", "--pretrain-epochs", "1", "--fra
              "--local-layers", "classifier.3", "--holder-seed", "11"]
 
 
-def engine_run(*args: str, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulation.run", *args, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
-
-
 def without_seconds(value):
     """Metrics less their wall-clock fields, which no two runs share."""
     if isinstance(value, dict):
@@ -112,12 +107,35 @@ def test_holders_without_test_images_do_not_stop_the_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the real engine
-def test_injected_failures_are_counted_and_min_holders_is_honoured(tmp_path):
-    out = tmp_path / "run"
-    result = engine_run("--holders", "4", "--rounds", "1", "--pretrain-epochs", "1", "--shuffle", "none",
-                        "--fail-holders", "1,3", "--min-holders", "3", out=out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "failures 2" in result.stdout and "(round not counted)" in result.stdout
+FAILURES_RUN = ["--holders", "4", "--rounds", "1", "--pretrain-epochs", "1", "--shuffle", "none", "--fail-holders", "1,3",
+                "--min-holders", "3", "--holder-seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def concurrent_runs(tmp_path_factory) -> dict:
+    """Two runs started at the same moment, where a Ray bootstrap file (as a stopped cluster leaves it) sits in the
+    Ray temp folder and RAY_ADDRESS names a cluster that is gone: SMALL_RUN, the uninterrupted reference of the
+    stop-and-resume test below, and FAILURES_RUN, with injected failures. One pair of runs serves three tests, so the
+    suite starts two runs fewer."""
+    root = tmp_path_factory.mktemp("concurrent")
+    ray_tmp = root / "raytmp"
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TMPDIR": str(ray_tmp), "RAY_ADDRESS": "127.0.0.1:1"}
+    processes = {name: subprocess.Popen([sys.executable, "-m", "simulation.run", *argv, "--out", str(root / name)],
+                                        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for name, argv in (("reference", SMALL_RUN), ("failures", FAILURES_RUN))}
+    runs = {"ray_tmp": ray_tmp}
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=ENGINE_TIMEOUT_S)
+        runs[name] = (root / name, process.returncode, output)
+    return runs
+
+
+def test_injected_failures_are_counted_and_min_holders_is_honoured(concurrent_runs):
+    out, returncode, output = concurrent_runs["failures"]
+    assert returncode == 0, output[-2000:]
+    assert "failures 2" in output and "(round not counted)" in output
     metrics = json.loads((out / "mple" / "metrics.json").read_text())
     (row,) = metrics["rounds"]
     assert (row["holders_trained"], row["train_failures"], row["counted"]) == (2, 2, False)
@@ -132,12 +150,11 @@ def test_injected_failures_are_counted_and_min_holders_is_honoured(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
+def reference_run(concurrent_runs) -> Path:
     """An uninterrupted run. The stopped-and-resumed runs below must end with its metrics exactly: that is also the
     test that the same seeds give the same metrics through the command line, in other processes."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    result = engine_run(*SMALL_RUN, out=out)
-    assert result.returncode == 0, result.stderr[-2000:]
+    out, returncode, output = concurrent_runs["reference"]
+    assert returncode == 0, output[-2000:]
     assert [row["round"] for row in run_metrics(out)["mple/metrics.json"]["rounds"]] == [1, 2, 3]
     return out
 
@@ -214,22 +231,14 @@ def test_a_run_stopped_twice_mid_round_resumes_to_the_same_metrics(tmp_path, ref
     assert run_metrics(out) == run_metrics(reference_run)
 
 
-def test_a_stale_bootstrap_file_or_ray_address_is_never_joined_and_two_runs_share_nothing(tmp_path):
-    """A Ray bootstrap file (as a stopped cluster leaves it) in the Ray temp folder and a RAY_ADDRESS of a cluster
-    that is gone: a run without --ray-address starts its own Ray and finishes; two at once both finish."""
-    ray_tmp = tmp_path / "raytmp"
-    (ray_tmp / "ray").mkdir(parents=True)
-    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "TMPDIR": str(ray_tmp), "RAY_ADDRESS": "127.0.0.1:1"}
-    runs = [subprocess.Popen([sys.executable, "-m", "simulation.run", "--holders", "2", "--rounds", "1",
-                              "--pretrain-epochs", "1", "--holder-seed", "1", "--out", str(tmp_path / f"run{i}")],
-                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(2)]
-    for run in runs:
-        output, _ = run.communicate(timeout=ENGINE_TIMEOUT_S)
-        assert run.returncode == 0, output[-2000:]
+def test_a_stale_bootstrap_file_or_ray_address_is_never_joined_and_two_runs_share_nothing(concurrent_runs):
+    """A run without --ray-address starts its own Ray and finishes, whatever bootstrap file or RAY_ADDRESS a gone
+    cluster left; two at once both finish."""
+    for name in ("reference", "failures"):
+        _, returncode, output = concurrent_runs[name]
+        assert returncode == 0, output[-2000:]
         assert "results:" in output
-    assert (ray_tmp / "ray" / "ray_current_cluster").read_text() == "127.0.0.1:1\n"  # untouched, never used
+    assert (concurrent_runs["ray_tmp"] / "ray" / "ray_current_cluster").read_text() == "127.0.0.1:1\n"  # never used
 
 
 def test_a_federation_with_fewer_holders_than_the_run_names_the_missing_ones_within_the_timeout(tmp_path):
