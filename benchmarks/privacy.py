@@ -66,13 +66,17 @@ def first_layer(args: argparse.Namespace, dataset_label: str) -> Path:
     """A run's phase-0 first layer for `dataset_label` (made by `simulation.run` when it is not there yet)."""
     folder = args.out / f"first-layer-{_slug(dataset_label)}"
     path = folder / "first_layer.pt"
-    if not path.exists():
-        command = [sys.executable, "-m", "simulation.run", "--dataset", f"npz:{args.data / DATASETS[dataset_label]}",
-                   "--holders", "2", "--rounds", "1", "--public-fraction", "0.5", "--pretrain-epochs", "3",
-                   "--holder-seed", "0", "--seed", "0", "--out", str(folder)]
-        print("$", shlex.join(command[1:]), flush=True)
-        subprocess.run(command, check=True)
-    return path
+    return _made_once(path, ["simulation.run", "--dataset", f"npz:{args.data / DATASETS[dataset_label]}", "--holders",
+                             "2", "--rounds", "1", "--public-fraction", "0.5", "--pretrain-epochs", "3", "--holder-seed",
+                             "0", "--seed", "0", "--out", str(folder)])
+
+
+def _made_once(result: Path, module_argv: list[str]) -> Path:
+    """`result`, running `python -m <module_argv>` (printed first) when it is not there yet."""
+    if not result.exists():
+        print("$ -m", shlex.join(module_argv), flush=True)
+        subprocess.run([sys.executable, "-m", *module_argv], check=True)
+    return result
 
 
 def first_layer_summary(args: argparse.Namespace) -> list[str]:
@@ -118,11 +122,7 @@ def cross_cells(args: argparse.Namespace) -> list[tuple[str, str, str, list[str]
 
 def run(attack: str, name: str, flags: list[str], out: Path) -> dict:
     folder = out / name
-    result = folder / f"{attack}.json"
-    if not result.exists():
-        command = [sys.executable, "-m", f"server.attacks.{attack}", *flags, "--out", str(folder)]
-        print("$", shlex.join(command[1:]), flush=True)
-        subprocess.run(command, check=True)
+    result = _made_once(folder / f"{attack}.json", [f"server.attacks.{attack}", *flags, "--out", str(folder)])
     figures = json.loads(result.read_text())
     settings = figures.get("attack_settings", {})
     for flag, name in (("--iterations", "iterations"), ("--restarts", "restarts")):
