@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTATED = ["clients/keys.py", "clients/morphing.py", "clients/augconv.py", "clients/secrets.py", "clients/floor.py",
            "server/audit.py"]
 TESTS = ["tests/test_keys.py", "tests/test_morphing.py", "tests/test_augconv.py", "tests/test_properties.py",
-         "tests/test_secrets.py", "tests/test_simulation.py"]
+         "tests/test_secrets.py", "tests/test_audit.py"]
 STATUS = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[\w ]+)$")
 
 
@@ -43,10 +43,10 @@ def copy_repository(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def configure(target: Path, max_children: int) -> None:
+def configure(target: Path, max_children: int, modules: list[str]) -> None:
     (target / "setup.cfg").write_text(
         "[mutmut]\n"
-        f"paths_to_mutate =\n" + "".join(f"    {path}\n" for path in MUTATED)
+        f"paths_to_mutate =\n" + "".join(f"    {path}\n" for path in modules)
         + "also_copy =\n    simulation/\n    server/\n    strategies/\n    clients/\n    configs/\n    tests/\n"
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {path}\n" for path in TESTS)
         + "pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n"
@@ -59,6 +59,11 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/mutation"))
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--modules", nargs="+", choices=MUTATED, default=MUTATED, metavar="FILE",
+                        help="the files to mutate (default: all of " + ", ".join(MUTATED) + ")")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep mutmut's working copy in this folder, so a stopped run resumes where it stopped "
+                             "(default: a temporary folder, removed at the end)")
     args = parser.parse_args(argv)
     if shutil.which("mutmut") is None and not Path(sys.executable).with_name("mutmut").exists():
         print("error: mutmut is not installed; pip install mutmut", file=sys.stderr)
@@ -67,11 +72,12 @@ def main(argv=None) -> int:
         else shutil.which("mutmut")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mple-mutation-") as folder:
-        work = Path(folder)
-        copy_repository(work)
-        configure(work, args.max_children)
-        run = subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, text=True,
-                             capture_output=True)
+        work = args.work or Path(folder)
+        if not (work / "setup.cfg").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            copy_repository(work)
+            configure(work, args.max_children, args.modules)
+        run = subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, text=True)
         listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, text=True, capture_output=True)
     statuses = {}
     for line in listing.stdout.splitlines():
@@ -79,7 +85,7 @@ def main(argv=None) -> int:
         if match:
             statuses[match["name"]] = match["status"].strip()
     if not statuses:
-        print(f"error: mutmut reported no mutants (exit {run.returncode}): {(run.stdout + run.stderr)[-1500:]}",
+        print(f"error: mutmut reported no mutants (exit {run.returncode}); its output is above",
               file=sys.stderr)
         return 1
     per_module: dict[str, dict[str, int]] = {}
@@ -91,7 +97,7 @@ def main(argv=None) -> int:
     killed = sum(status == "killed" for status in statuses.values())
     figures = {"mutants": len(statuses), "killed": killed, "survived": len(survivors),
                "other": len(statuses) - killed - len(survivors), "per_module": per_module, "survivors": survivors,
-               "seconds": round(time.monotonic() - started, 1), "modules": MUTATED, "tests": TESTS}
+               "seconds": round(time.monotonic() - started, 1), "modules": args.modules, "tests": TESTS}
     print(f"{len(statuses)} mutants: {killed} killed, {len(survivors)} survived, {figures['other']} other "
           f"(timeouts, no tests) in {figures['seconds']:.0f} s")
     for module, counts in sorted(per_module.items()):

@@ -1,6 +1,8 @@
 """The server's view of the federation, audited: every message in and out is checked against what may cross.
 
-It also makes sampling reproducible: node ids are random per run, so it lists nodes in holder order.
+It also makes sampling reproducible: node ids are random per run, so it lists nodes in holder order. A holder whose
+SuperNode restarts comes back on a new node id; once that node has said which holder it is, the old node is no
+longer listed (the SuperLink would list a dead node until its heartbeats run out, a minute in Flower 1.42).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class AuditGrid(Grid):
         self._grid = grid
         self.shared_names = set(shared_names)
         self.holder_of: dict[int, int] = {}
+        self.superseded: set[int] = set()  # nodes whose holder has since replied from a newer node
         self.sent = 0
         self.received = 0
         self._expected: dict[int, tuple[ReplySchema, dict[str, tuple]]] = {}  # by node: what its reply may carry
@@ -51,8 +54,12 @@ class AuditGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> list[int]:
-        nodes = list(self._grid.get_node_ids())
+        nodes = [node for node in self._grid.get_node_ids() if node not in self.superseded]
         return sorted(nodes, key=lambda node: (self.holder_of.get(node, len(nodes) + 1), node))
+
+    def unidentified(self) -> list[int]:
+        """Connected nodes that have not yet said which holder they are (new, or a holder's restarted node)."""
+        return [node for node in self.get_node_ids() if node not in self.holder_of]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -85,11 +92,13 @@ class AuditGrid(Grid):
 
     def _check_incoming(self, reply: Message) -> None:
         self.received += 1
+        if reply.has_error():
+            # An error carries no content. It may come from the SuperLink itself (node 0) for a node that went
+            # away, so it is not matched to the node it names as its source.
+            return
         expected = self._expected.pop(reply.metadata.src_node_id, None)
         if expected is None:
             raise AuditViolation(f"node {reply.metadata.src_node_id} replied to no message the server sent it")
-        if reply.has_error():
-            return
         schema, sent_shapes = expected
         content = reply.content
         _only(content, HOLDER_TO_SERVER, "holder reply")
@@ -131,7 +140,14 @@ class AuditGrid(Grid):
                     or not isinstance(holder[HOLDER_ID], int):
                 raise AuditViolation(f"a holder record must hold exactly one integer {HOLDER_ID}, got "
                                      f"{sorted(holder.keys())[:5]}")
-            self.holder_of[reply.metadata.src_node_id] = int(holder[HOLDER_ID])
+            self._identified(reply.metadata.src_node_id, int(holder[HOLDER_ID]))
+
+    def _identified(self, node: int, holder: int) -> None:
+        for other, known in self.holder_of.items():
+            if known == holder and other != node:
+                self.superseded.add(other)
+        self.superseded.discard(node)
+        self.holder_of[node] = holder
 
     def holder_id(self, reply: Message) -> int | None:
         return self.holder_of.get(reply.metadata.src_node_id)

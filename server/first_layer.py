@@ -46,7 +46,7 @@ def form_first_layer(config: ExperimentConfig, placement: DataPlacement, model: 
 def _pretrain(config: ExperimentConfig, placement: DataPlacement, model: SplitModel, progress) -> dict:
     """Train the plain model on the public split, which no holder owns."""
     dataset, public = placement.dataset, placement.public
-    device = pick_device(config.gpus_per_holder)
+    device = pick_device(config.gpus_per_holder, required=False)
     model.to(device)
     batches = image_batches(
         dataset.train, public, batch_size=config.batch_size, mean=dataset.mean, std=dataset.std,

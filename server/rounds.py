@@ -87,7 +87,7 @@ class RoundLoop:
         if config.get(ACTION) == "align":
             messages = self._with_holder_records(messages)
             content[ARRAYS] = self.state.arrays
-        return self.grid.send_and_receive(messages)
+        return self._exchange(messages, "replied")
 
     def _exchange(self, messages: list[Message], done: str) -> list[Message]:
         """Send a round's messages and collect the replies, within --round-timeout; a round that takes long says
@@ -136,6 +136,16 @@ class RoundLoop:
                 f"\"holders={len(nodes)}\", or --holders {len(nodes)})"
             )
 
+    def identify_newcomers(self) -> None:
+        """A node that connects after the start (a holder's SuperNode restarted after its machine died) says which
+        holder it is before it is sampled; from then on the holder's old node is no longer listed (AuditGrid)."""
+        newcomers = self.grid.unidentified()
+        if not newcomers:
+            return
+        for reply in self._query(newcomers, **{ACTION: "identify"}):
+            if not reply.has_error():
+                self.progress(f"  holder {self.grid.holder_id(reply)} joined on node {reply.metadata.src_node_id}")
+
     def align_channel_order(self) -> None:
         """With one federation-wide channel order, the initial backbone must be brought into that order once; a
         holder does it. The reply is the server's own initial backbone reindexed by the order, so the server can read
@@ -173,6 +183,7 @@ class RoundLoop:
 
     def _train_round(self) -> dict:
         state = self.state
+        self.identify_newcomers()
         messages = self._with_holder_records(
             self.strategy.configure_train(state.round, state.arrays, self._config(), self.grid)
         )
@@ -207,6 +218,7 @@ class RoundLoop:
 
     def _evaluate_round(self, **config) -> dict:
         state = self.state
+        self.identify_newcomers()
         messages = self._with_holder_records(
             self.strategy.configure_evaluate(state.round, state.arrays, self._config(**config), self.grid)
         )

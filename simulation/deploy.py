@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -168,6 +169,8 @@ class LocalDeployment:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
         self.helpers: list[subprocess.Popen] = []
+        self._node_configs: list[str] = []
+        self._reported_exit: set[int] = set()
 
     # ------------------------------------------------------------ processes
     @property
@@ -222,7 +225,6 @@ class LocalDeployment:
 
     def _start_supernodes(self) -> None:
         holders = self.config.holders
-        ports = free_ports(holders)
         # Each holder's secrets go into its own folder before its SuperNode starts, never onto a command line.
         provision = provision_holders(self.run_dir / HOLDERS_FOLDER, self.holder_seed)
         for holder in range(holders):
@@ -234,12 +236,40 @@ class LocalDeployment:
                 data = atomic_write_bytes(folder / HOLDER_DATA_FILE, holder_data_npz(self.config, holder),
                                           private=True)
                 node_config += f' dataset="npz:{data}"'
-            command = [tool("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{self.port}",
-                       "--host", HOST, "--port", str(ports[holder]), "--node-config", node_config]
-            home = folder / "flwr-home"
-            home.mkdir(exist_ok=True)
-            self.supernodes.append(start_process(command, folder / "supernode.log", tool_environment(home)))
+            (folder / "flwr-home").mkdir(exist_ok=True)
+            self._node_configs.append(node_config)
+            self.supernodes.append(self._supernode(holder))
         self.progress(f"{holders} SuperNodes, one per holder folder under {self.run_dir / 'holders'}")
+
+    def supernode_command(self, holder: int) -> list[str]:
+        """The command that starts holder `holder`'s SuperNode on a free port, with its folder and node config."""
+        (port,) = free_ports(1)
+        return [tool("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{self.port}", "--host", HOST,
+                "--port", str(port), "--node-config", self._node_configs[holder]]
+
+    def _supernode(self, holder: int) -> subprocess.Popen:
+        folder = self.holder_dir(holder)
+        return start_process(self.supernode_command(holder), folder / "supernode.log",
+                             tool_environment(folder / "flwr-home"))
+
+    def kill_supernode(self, holder: int) -> None:
+        """What a holder's machine dying looks like to the federation: its SuperNode and the ClientApp it runs are
+        killed at once (SIGKILL to the process group), with no goodbye to the SuperLink."""
+        process = self.supernodes[holder]
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=STOP_TIMEOUT_S)
+
+    def restart_supernode(self, holder: int) -> None:
+        """Start holder `holder`'s SuperNode again with its own folder: it connects as a new node, and its holder
+        comes back with the key, AugConv and holder-local layers kept in that folder."""
+        if self.supernodes[holder].poll() is None:
+            raise DeploymentError(f"the SuperNode of holder {holder} is still running")
+        self.supernodes[holder] = self._supernode(holder)
+        self._reported_exit.discard(holder)
+        self.progress(f"SuperNode of holder {holder} restarted")
 
     def _wait_until(self, ready, message: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
@@ -251,13 +281,25 @@ class LocalDeployment:
         raise DeploymentError(message)
 
     def _check_alive(self) -> None:
+        """The SuperLink must live. A SuperNode may die (a holder's machine does): with --round-timeout set, the
+        rounds count its holder as failed and the run goes on, so that is said once; without it, a round would wait
+        for that holder forever, so the run is stopped."""
         if self.superlink is not None and self.superlink.poll() is not None:
             raise DeploymentError(f"the SuperLink exited (code {self.superlink.returncode}); see "
                                   f"{self.superlink_dir / 'superlink.log'}")
         for holder, process in enumerate(self.supernodes):
-            if process.poll() is not None:
+            if process.poll() is None or holder in self._reported_exit:
+                continue
+            log = self.holder_dir(holder) / "supernode.log"
+            if self.config.round_timeout is None:
                 raise DeploymentError(f"the SuperNode of holder {holder} exited (code {process.returncode}); see "
-                                      f"{self.holder_dir(holder) / 'supernode.log'}")
+                                      f"{log}. With --round-timeout SECONDS a run goes on without a holder that "
+                                      "stops replying")
+            self._reported_exit.add(holder)
+            self.progress(f"the SuperNode of holder {holder} exited (code {process.returncode}; see {log}); its "
+                          f"holder counts as failed after --round-timeout {self.config.round_timeout:g} s. To bring "
+                          f"it back with its folder: FLWR_HOME={self.holder_dir(holder) / 'flwr-home'} "
+                          + " ".join(shlex.quote(part) for part in self.supernode_command(holder)))
 
     # ------------------------------------------------------------ runs
     def flwr(self, *arguments: str, timeout: float = 120) -> dict:
@@ -274,16 +316,16 @@ class LocalDeployment:
             raise DeploymentError(f"`flwr {arguments[0]}` failed: {answer.get('error-message', answer)}")
         return answer
 
-    def submit(self, variant: str) -> int:
-        """Start one run of the apps (`flwr run`) and return its run id."""
+    def submit(self, variant: str, **overrides) -> int:
+        """Start one run of the apps (`flwr run`) and return its run id; `overrides` are run-config entries
+        (`connect_timeout=5` for `connect-timeout = 5`) on top of the deployment's experiment."""
         preset = self.deploy_dir / "experiment.toml"
         atomic_write_text(preset, preset_toml(self.config))
         run_config = self.deploy_dir / f"run-{variant}.toml"
-        atomic_write_text(run_config, (
-            f"preset = {json.dumps(str(preset))}\nout = {json.dumps(str(self.run_dir))}\n"
-            f"variant = {json.dumps(variant)}\nholders = {self.config.holders}\n"
-            f"shuffle = {json.dumps(self.config.shuffle)}\n"
-        ))
+        entries = {"preset": str(preset), "out": str(self.run_dir), "variant": variant,
+                   "holders": self.config.holders, "shuffle": self.config.shuffle,
+                   **{name.replace("_", "-"): value for name, value in overrides.items()}}
+        atomic_write_text(run_config, tomli_w.dumps(entries))
         answer = self.flwr("run", str(PROJECT_ROOT), CONNECTION, "--run-config", str(run_config))
         return int(answer["run-id"])
 
@@ -333,9 +375,9 @@ class LocalDeployment:
             except (DeploymentError, subprocess.TimeoutExpired):
                 pass
 
-    def run_variant(self, variant: str, timeout: float | None = None) -> dict:
+    def run_variant(self, variant: str, timeout: float | None = None, **overrides) -> dict:
         """One variant end to end; its metrics (what the ServerApp wrote), or DeploymentError if it failed."""
-        run_id = self.submit(variant)
+        run_id = self.submit(variant, **overrides)
         self.progress(f"run {run_id} ({variant}) submitted")
         status = self.wait(run_id, timeout)
         if status != FINISHED:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from simulation.errors import UsageError
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -187,6 +190,18 @@ def evaluate(first: nn.Module, backbone: nn.Module, batches: Batches) -> tuple[f
     return loss_sum / seen, correct / seen, seen
 
 
-def pick_device(gpus: float = 1.0) -> torch.device:
-    """CUDA when it is there and the run grants GPUs, else the CPU."""
-    return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+def pick_device(gpus: float, *, required: bool = True) -> torch.device:
+    """CUDA where the run grants GPUs, else the CPU. A holder granted GPUs that torch cannot see stops with one
+    line (`required`), never falling back to the CPU behind the user's back; the server's phase 0 (`required=False`)
+    uses CUDA only where its own machine has it."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not required:
+        return torch.device("cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise UsageError(f"this holder was granted {gpus:g} GPU but torch sees no CUDA device here "
+                     f"(CUDA_VISIBLE_DEVICES={visible!r}, torch {torch.__version__}, built for CUDA "
+                     f"{torch.version.cuda or 'none'}); install a CUDA build of torch on the holders' machines or run "
+                     "without --gpus-per-holder")

@@ -14,6 +14,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 import zipfile
@@ -28,6 +29,7 @@ from server.server_app import PROJECT_ROOT, ServerSettings, VariantRun, settings
 from simulation.config import build_config
 from simulation.data import load_dataset
 from simulation.deploy import (
+    FINISHED,
     DeploymentError,
     LocalDeployment,
     free_ports,
@@ -41,7 +43,7 @@ from simulation.deploy import (
 from simulation.errors import UsageError
 from simulation.placement import placement_for
 from simulation.protocol import HolderSettings
-from simulation.run_folder import prepare_run_dir
+from simulation.run_folder import METRICS_FILE, prepare_run_dir
 
 from .inprocess import InProcessGrid, run_in_process
 
@@ -261,3 +263,60 @@ def test_superlink_and_one_supernode_per_holder_run_the_apps(tmp_path):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         trained = metrics["rounds"][0]["per_holder"][str(holder)]["num_examples"]
         assert trained == len(federation.holder_train[holder])
+
+
+def _holder_state(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())
+            if path.name == KEY_FILE or path.name.startswith(("augconv-", "local-"))}
+
+
+@pytest.mark.heavy
+def test_a_supernode_killed_mid_round_counts_as_failed_and_rejoins_with_its_folder(tmp_path):
+    """A holder's machine dies in round 2's training: the round completes without it within --round-timeout, the
+    run goes on, and its SuperNode restarted with the same folder comes back on a new node id with the same key,
+    AugConv and holder-local layers. Before that, `flwr run` asks for more holders than there are SuperNodes."""
+    config = build_config({**TINY, "rounds": 2, "shuffle": "holder", "round_timeout": 25,
+                           "local_layers": ["classifier.3"]})
+    run_dir = prepare_run_dir(config, tmp_path / "run")
+    said: list[str] = []
+    deployment = LocalDeployment(config, run_dir, split_data=True, progress=said.append, stream_logs=False,
+                                 holder_seed=3)
+    supernode_log = deployment.holder_dir(1) / "supernode.log"
+    try:
+        deployment.start()
+        short = deployment.submit("mple", holders=3, connect_timeout=3, out=str(tmp_path / "short"))
+        assert deployment.wait(short, timeout=120) == "finished:failed"
+        log = (deployment.deploy_dir / f"run-{short}.log").read_text()
+        assert "only 2 of 3 holders connected within 3 s; missing holder(s) 2" in log
+
+        run_id = deployment.submit("mple")
+        waiting = {}
+        waiter = threading.Thread(target=lambda: waiting.update(status=deployment.wait(run_id, timeout=300)))
+        waiter.start()
+        start = len(supernode_log.read_text())
+
+        def in_round_two_training() -> bool:
+            text = supernode_log.read_text()[start:]
+            second = text.find("Receiving: train message", text.find("Receiving: train message") + 1)
+            return second > 0 and "Start `flwr-clientapp` process" in text[second:]
+
+        wait_for(in_round_two_training, "holder 1 started its ClientApp for round 2's training", timeout=200)
+        kept = _holder_state(deployment.holder_dir(1))
+        deployment.kill_supernode(1)
+        wait_for(lambda: any("SuperNode of holder 1 exited" in line for line in said), "the launcher said so", 10)
+        deployment.restart_supernode(1)
+        waiter.join(timeout=320)
+    finally:
+        deployment.stop()
+    assert waiting.get("status") == FINISHED, said
+    metrics = json.loads((run_dir / "mple" / METRICS_FILE).read_text())
+    first, second = metrics["rounds"]
+    assert first["holders_trained"] == 2 and first["train_failures"] == 0
+    assert second["holders_trained"] == 1 and second["train_failures"] == 1 and set(second["per_holder"]) == {"0"}
+    # Identified on its new node before round 2's evaluation, and its dead node no longer sampled.
+    assert second["holders_evaluated"] == 2 and second["evaluate_failures"] == 0
+    assert metrics["final"]["holders"] == 2 and set(metrics["final"]["per_holder"]) == {"0", "1"}
+    assert {"key.mple", "local-mple-r00001.pt"} <= set(kept) and any(name.startswith("augconv-") for name in kept)
+    after = _holder_state(deployment.holder_dir(1))
+    assert {name: after[name] for name in kept} == kept  # nothing rebuilt or re-drawn: the same key and layers
+    assert supernode_log.read_text().count("SuperNode ID:") == 2

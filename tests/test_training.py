@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from simulation.training import SGD
+from simulation.errors import UsageError
+from simulation.training import SGD, pick_device
 
 
 def small_model() -> nn.Module:
@@ -35,3 +36,14 @@ def test_sgd_gives_torchs_sgd_numbers_exactly(momentum, weight_decay):
     untrained = [parameter.detach() for parameter in small_model().parameters()]
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
     assert not torch.equal(ours[0], untrained[0]) and torch.equal(ours[1], untrained[1])  # trained; frozen bias kept
+
+
+def test_a_holder_granted_a_gpu_that_torch_cannot_see_stops_instead_of_training_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert pick_device(0) == torch.device("cpu")
+    with pytest.raises(UsageError, match=r"granted 0.5 GPU but torch sees no CUDA device here \(CUDA_VISIBLE_DEVICES='1'"):
+        pick_device(0.5)
+    assert pick_device(0.5, required=False) == torch.device("cpu")  # the server's phase 0 on a machine without one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(0.5) == torch.device("cuda")
