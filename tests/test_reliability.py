@@ -202,20 +202,11 @@ def stop_mid_round(argv: list[str], out: Path, log: Path, stop_signal: signal.Si
     return process, stopped_within, ours
 
 
-def test_a_run_stopped_twice_mid_round_resumes_to_the_same_metrics(tmp_path, reference_run):
-    """Killed (SIGKILL: no handler runs) in round 2, resumed, stopped (SIGTERM) in round 3, resumed again: the metrics
-    are those of the uninterrupted run. SIGINT takes the same handler as SIGTERM (Stopper); SIGTERM is the one that
-    Ray also handles, so it is the one tested."""
-    out = tmp_path / "stopped"
-    stop_mid_round([*SMALL_RUN, "--out", str(out)], out, tmp_path / "killed.log", signal.SIGKILL, 2)
-
-    log = tmp_path / "resumed-then-stopped.log"
-    process, stopped_within, ours = stop_mid_round(["--resume", str(out)], out, log, signal.SIGTERM, 3)
-    text = log.read_text()
-    assert "resuming mple after round 1/3" in text
-    # A signal the run can handle: a clean stop, quickly, nothing left behind.
-    assert stopped_within < 5 and process.returncode == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM during round 3 of 3" in text and "--resume" in text
+def assert_stopped_cleanly(process, stopped_within: float, ours: set[Path], text: str, stop_signal, where: str):
+    """A signal the run can handle: one line saying where it stopped and how to resume, quickly, no traceback, and
+    no process of its private Ray left."""
+    assert stopped_within < 5 and process.returncode == 128 + stop_signal
+    assert f"stopped by {stop_signal.name} during {where}" in text and "--resume" in text
     assert "Traceback" not in text
     assert len(ours) == 1
     for _ in range(50):  # the run's cleaner, detached as the run exits, kills its Ray processes within moments
@@ -224,11 +215,32 @@ def test_a_run_stopped_twice_mid_round_resumes_to_the_same_metrics(tmp_path, ref
         time.sleep(0.1)
     assert not processes_in(ours) and not any(folder.exists() for folder in ours)
 
+
+def test_a_run_stopped_twice_mid_round_resumes_to_the_same_metrics(tmp_path, reference_run):
+    """Killed (SIGKILL: no handler runs) in round 2, resumed, stopped by Ctrl-C (SIGINT) in round 3, resumed again:
+    the metrics are those of the uninterrupted run. SIGTERM, which Ray handles too, is the heavy test below."""
+    out = tmp_path / "stopped"
+    stop_mid_round([*SMALL_RUN, "--out", str(out)], out, tmp_path / "killed.log", signal.SIGKILL, 2)
+
+    log = tmp_path / "resumed-then-stopped.log"
+    process, stopped_within, ours = stop_mid_round(["--resume", str(out)], out, log, signal.SIGINT, 3)
+    text = log.read_text()
+    assert "resuming mple after round 1/3" in text
+    assert_stopped_cleanly(process, stopped_within, ours, text, signal.SIGINT, "round 3 of 3")
+
     resumed = subprocess.run([sys.executable, "-m", "simulation.run", "--resume", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming mple after round 2/3" in resumed.stdout
     assert run_metrics(out) == run_metrics(reference_run)
+
+
+@pytest.mark.heavy
+def test_sigterm_mid_round_stops_the_run_and_every_ray_process(tmp_path):
+    out = tmp_path / "stopped"
+    log = tmp_path / "stopped.log"
+    process, stopped_within, ours = stop_mid_round([*SMALL_RUN, "--out", str(out)], out, log, signal.SIGTERM, 2)
+    assert_stopped_cleanly(process, stopped_within, ours, log.read_text(), signal.SIGTERM, "round 2 of 3")
 
 
 def test_a_stale_bootstrap_file_or_ray_address_is_never_joined_and_two_runs_share_nothing(concurrent_runs):
