@@ -51,6 +51,7 @@ from simulation.protocol import (
     VAL_ACCURACY,
     HolderSettings,
 )
+from simulation.profile import timed
 from simulation.training import evaluate, pick_device, train_epochs, train_epochs_dp
 
 FLOOR_NODE_CONFIG = {"key-families", "min-block-size"}
@@ -122,28 +123,32 @@ class HolderJob:
     """One message's work for one holder: assembles the holder's model from what the server sent."""
 
     def __init__(self, message: Message, context: Context, side: HolderSide):
-        settings = settings_of(message)
-        self.settings = settings
-        self.side = side
-        self.server_round = int(message.content[CONFIG][SERVER_ROUND])
-        self.message_type = message.metadata.message_type
-        self.holder_id = int(context.node_config["partition-id"])
-        if not _STATE.threads_set:
-            torch.set_num_threads(max(1, int(settings.cpus_per_holder)))
-            _STATE.threads_set = True
-        if _STATE.holders is None:
-            _STATE.holders = HolderCache(settings.holder_cache)
-        self.device = pick_device(settings.gpus_per_holder)
-        dataset = placement_for(settings).dataset
-        self.model = _skeleton(settings, dataset.image_shape, dataset.num_classes)
-        self.model.first.load_state_dict(message.content[FIRST_LAYER].to_torch_state_dict())
-        home = holder_folder(context, side, self.holder_id)
-        own_data = str(context.node_config.get("dataset", "")) or None
-        cache_key = (str(home), own_data, settings, self.holder_id, conv_fingerprint(self.model.first))
-        self.holder: Holder = _STATE.holders.get(cache_key, lambda: self._open_holder(context, home, own_data))
-        self.backbone = self.model.backbone.to(self.device)
-        self.received = message.content[ARRAYS].to_torch_state_dict()
-        self._assemble(message)
+        with timed("holder", "settings"):
+            settings = settings_of(message)
+            self.settings = settings
+            self.side = side
+            self.server_round = int(message.content[CONFIG][SERVER_ROUND])
+            self.message_type = message.metadata.message_type
+            self.holder_id = int(context.node_config["partition-id"])
+            if not _STATE.threads_set:
+                torch.set_num_threads(max(1, int(settings.cpus_per_holder)))
+                _STATE.threads_set = True
+            if _STATE.holders is None:
+                _STATE.holders = HolderCache(settings.holder_cache)
+            self.device = pick_device(settings.gpus_per_holder)
+            dataset = placement_for(settings).dataset
+            self.model = _skeleton(settings, dataset.image_shape, dataset.num_classes)
+        with timed("holder", "decode"):
+            self.model.first.load_state_dict(message.content[FIRST_LAYER].to_torch_state_dict())
+            self.received = message.content[ARRAYS].to_torch_state_dict()
+        with timed("holder", "holder set-up and cache"):
+            home = holder_folder(context, side, self.holder_id)
+            own_data = str(context.node_config.get("dataset", "")) or None
+            cache_key = (str(home), own_data, settings, self.holder_id, conv_fingerprint(self.model.first))
+            self.holder: Holder = _STATE.holders.get(cache_key, lambda: self._open_holder(context, home, own_data))
+        with timed("holder", "local state and state dicts"):
+            self.backbone = self.model.backbone.to(self.device)
+            self._assemble(message)
 
     def _open_holder(self, context: Context, home: Path, own_data: str | None) -> Holder:
         node = context.node_config
@@ -230,10 +235,16 @@ def _clip_if_client_dp(message: Message, context: Context, call_next):
 
 
 def train(message: Message, context: Context, side: HolderSide) -> Message:
+    with timed("holder", "train message"):
+        return _train(message, context, side)
+
+
+def _train(message: Message, context: Context, side: HolderSide) -> Message:
     job = HolderJob(message, context, side)
     job.fail_if_injected("train")
     holder, settings, config = job.holder, job.settings, message.content[CONFIG]
-    val_loss, val_accuracy = job.evaluate_test_split()
+    with timed("holder", "compute"):
+        val_loss, val_accuracy = job.evaluate_test_split()
     torch.manual_seed(job.local_seed("dropout"))
     proximal_mu = float(config.get("proximal-mu", 0.0))
     common = dict(epochs=settings.local_epochs, lr=float(config.get("lr", settings.lr)), momentum=settings.momentum,
@@ -250,9 +261,11 @@ def train(message: Message, context: Context, side: HolderSide) -> Message:
         ledger.record(job.server_round, plan, steps)
         privacy = {DP_EPSILON: ledger.epsilon(plan.delta), DP_NOISE: plan.noise_multiplier}
     else:
-        batches = holder.batches("train", shuffle_seed=job.local_seed("batches"))
-        loss, accuracy, _ = train_epochs(holder.first, job.backbone, batches, **common)
-    job.save_local()
+        with timed("holder", "compute"):
+            batches = holder.batches("train", shuffle_seed=job.local_seed("batches"))
+            loss, accuracy, _ = train_epochs(holder.first, job.backbone, batches, **common)
+    with timed("holder", "local state and state dicts"):
+        job.save_local()
     metrics = {
         NUM_EXAMPLES: holder.num_examples("train"),
         TRAIN_LOSS: loss,
@@ -260,20 +273,28 @@ def train(message: Message, context: Context, side: HolderSide) -> Message:
         VAL_ACCURACY: _finite(val_accuracy),
         **privacy,
     }
-    return _reply(message, job.reply_arrays(), metrics, job.holder_id)
+    with timed("holder", "reply"):
+        return _reply(message, job.reply_arrays(), metrics, job.holder_id)
 
 
 def evaluate_holder(message: Message, context: Context, side: HolderSide) -> Message:
+    with timed("holder", "evaluate message"):
+        return _evaluate_holder(message, context, side)
+
+
+def _evaluate_holder(message: Message, context: Context, side: HolderSide) -> Message:
     job = HolderJob(message, context, side)
     job.fail_if_injected("evaluate")
     split = str(message.content[CONFIG].get(SPLIT, "test"))
-    if split == "test":
-        loss, accuracy = job.evaluate_test_split()
-        examples = job.holder.num_examples("test")
-    else:
-        loss, accuracy, examples = evaluate(job.holder.first, job.backbone, job.holder.batches(split))
+    with timed("holder", "compute"):
+        if split == "test":
+            loss, accuracy = job.evaluate_test_split()
+            examples = job.holder.num_examples("test")
+        else:
+            loss, accuracy, examples = evaluate(job.holder.first, job.backbone, job.holder.batches(split))
     metrics = {NUM_EXAMPLES: examples, EVAL_LOSS: _finite(loss), EVAL_ACCURACY: _finite(accuracy)}
-    return _reply(message, None, metrics, job.holder_id)
+    with timed("holder", "reply"):
+        return _reply(message, None, metrics, job.holder_id)
 
 
 def query(message: Message, context: Context, side: HolderSide) -> Message:

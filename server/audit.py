@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from simulation.profile import timed
 from simulation.protocol import (
     ARRAYS,
     HOLDER_ID,
@@ -63,14 +64,17 @@ class AuditGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        for message in messages:
-            self._check_outgoing(message)
-        return self._grid.push_messages(messages)
+        with timed("server", "audit"):
+            for message in messages:
+                self._check_outgoing(message)
+        with timed("server", "push"):
+            return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))
-        for reply in replies:
-            self._check_incoming(reply)
+        with timed("server", "audit"):
+            for reply in replies:
+                self._check_incoming(reply)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:

@@ -15,6 +15,7 @@ from server.checkpoint import Checkpoints, RoundState
 from server.plan import RunPlan, make_strategy
 from simulation.config import HOLDER_DP
 from simulation.errors import UsageError
+from simulation.profile import timed
 from simulation.protocol import (
     ACTION,
     ARRAYS,
@@ -163,9 +164,10 @@ class RoundLoop:
         state = self.state
         if self.checkpoints.restore(state):
             self.progress(f"resuming {self.variant} after round {state.round}/{self.config.rounds}")
-        self.identify_holders()
-        if not state.aligned:
-            self.align_channel_order()
+        with timed("server", "identify and align"):
+            self.identify_holders()
+            if not state.aligned:
+                self.align_channel_order()
         random.setstate(state.sampling.getstate())
         while state.round < self.config.rounds:
             state.round += 1
@@ -175,25 +177,30 @@ class RoundLoop:
             row["seconds"] = round(time.time() - started, 3)
             state.rows.append(row)
             state.sampling.setstate(random.getstate())
-            self.checkpoints.save(state)
+            with timed("server", "checkpoint"):
+                self.checkpoints.save(state)
             self.progress(_progress_line(row, self.config.rounds))
             if self.stop_after_round == state.round:
                 raise SystemExit(f"stopped after round {state.round} (as asked)")
-        return {"rounds": state.rows, "final": self._final_evaluation()}
+        with timed("server", "final evaluation"):
+            return {"rounds": state.rows, "final": self._final_evaluation()}
 
     def _train_round(self) -> dict:
         state = self.state
         self.identify_newcomers()
-        messages = self._with_holder_records(
-            self.strategy.configure_train(state.round, state.arrays, self._config(), self.grid)
-        )
-        replies = self._exchange(messages, "trained")
+        with timed("server", "configure"):
+            messages = self._with_holder_records(
+                self.strategy.configure_train(state.round, state.arrays, self._config(), self.grid)
+            )
+        with timed("server", "exchange"):
+            replies = self._exchange(messages, "trained")
         ok = [reply for reply in replies if not reply.has_error()]
         counted = len(ok) >= (self.config.min_holders or 1)
         if counted:
-            arrays, _ = self.strategy.aggregate_train(state.round, ok)
-            if arrays is not None:
-                state.arrays = ArrayRecord(valid_backbone(arrays.to_torch_state_dict(), self.shared))
+            with timed("server", "aggregate"):
+                arrays, _ = self.strategy.aggregate_train(state.round, ok)
+                if arrays is not None:
+                    state.arrays = ArrayRecord(valid_backbone(arrays.to_torch_state_dict(), self.shared))
         return {
             "round": state.round,
             "dp_epsilon": self._epsilon_so_far(ok),
@@ -219,10 +226,12 @@ class RoundLoop:
     def _evaluate_round(self, **config) -> dict:
         state = self.state
         self.identify_newcomers()
-        messages = self._with_holder_records(
-            self.strategy.configure_evaluate(state.round, state.arrays, self._config(**config), self.grid)
-        )
-        replies = self._exchange(messages, "evaluated")
+        with timed("server", "configure"):
+            messages = self._with_holder_records(
+                self.strategy.configure_evaluate(state.round, state.arrays, self._config(**config), self.grid)
+            )
+        with timed("server", "exchange"):
+            replies = self._exchange(messages, "evaluated")
         ok = [reply for reply in replies if not reply.has_error()]
         # Holders with no test images (--test-fraction 0, or two images each) reply with 0 examples, and Flower's
         # aggregation would divide by their total.

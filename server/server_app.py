@@ -19,6 +19,7 @@ from server.rounds import RoundLoop
 from simulation.config import ExperimentConfig, build_config
 from simulation.errors import UsageError
 from simulation.files import atomic_torch_save, atomic_write_json
+from simulation.profile import timed
 from simulation.protocol import VARIANTS
 from simulation.run_folder import FIRST_LAYER_FILE, FIRST_LAYER_SUMMARY, METRICS_FILE, prepare_run_dir
 from strategies.registry import describe_strategy
@@ -56,8 +57,9 @@ class VariantRun:
 
     def __init__(self, grid: Grid, settings: ServerSettings):
         self.settings = settings
-        self.plan = plan_run(settings.config)
-        self.phase0 = first_layer_of_run(self.plan, settings.run_dir, settings.progress)
+        with timed("server", "plan and phase 0"):
+            self.plan = plan_run(settings.config)
+            self.phase0 = first_layer_of_run(self.plan, settings.run_dir, settings.progress)
         self.out = settings.run_dir / settings.variant
         self.out.mkdir(parents=True, exist_ok=True)
         self.loop = RoundLoop(AuditGrid(grid, self.plan.shared), self.plan, self.plan.model.first, settings.variant,
