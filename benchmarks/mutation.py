@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MUTATED = ["clients/keys.py", "clients/morphing.py", "clients/augconv.py", "clients/secrets.py", "clients/floor.py",
            "server/audit.py"]
 TESTS = ["tests/test_keys.py", "tests/test_morphing.py", "tests/test_augconv.py", "tests/test_properties.py",
-         "tests/test_secrets.py", "tests/test_audit.py"]
+         "tests/test_secrets.py", "tests/test_audit.py", "tests/test_file_checks.py"]
 STATUS = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[\w ]+)$")
 
 

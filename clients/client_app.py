@@ -195,11 +195,11 @@ class HolderJob:
         round r, local entries as of round r) is exactly the one round r+1's training starts from, so a training
         message reuses that result instead of evaluating again."""
         model_round = self.server_round - 1 if self.message_type == MessageType.TRAIN else self.server_round
-        cached = self.holder.test_evaluation
-        if cached is not None and cached[0] == model_round:
-            return cached[1], cached[2]
+        cached = self.holder.test_evaluation_of(model_round)
+        if cached is not None:
+            return cached
         loss, accuracy, _ = evaluate(self.holder.first, self.backbone, self.holder.batches("test"))
-        self.holder.test_evaluation = (model_round, loss, accuracy)
+        self.holder.remember_test_evaluation(model_round, loss, accuracy)
         return loss, accuracy
 
     def fail_if_injected(self, stage: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from clients.privacy import DPPlan, PrivacyLedger, dp_plan
 from clients.secrets import HolderSecrets, channel_order, draw_key
 from simulation.data import ImageDataset, image_batches, load_dataset
 from simulation.errors import UsageError
-from simulation.files import atomic_torch_save, private_dir
+from simulation.files import atomic_torch_save, atomic_write_bytes, private_dir
 from simulation.placement import placement_for
 from simulation.protocol import HolderSettings
 from simulation.run_folder import HOLDERS_FOLDER
@@ -140,7 +141,7 @@ class Holder:
         self.order = channel_order(secrets, settings.shuffle, first_conv.out_channels)
         self.first_layer_fingerprint = conv_fingerprint(first_conv)
         self.key: HolderKey | None = None
-        self.test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
+        self._test_evaluation: tuple[int, float, float] | None = None  # (round of the model, loss, accuracy)
         self._dp_plan: DPPlan | None = None
         if self.variant == "mple":
             padding = key_padding(settings.key_padding, first_conv)
@@ -216,6 +217,33 @@ class Holder:
         """This variant's accountant history, read from the holder's own folder (other processes may train the same
         holder: each Ray worker keeps its own Holder objects)."""
         return PrivacyLedger(self.home / f"dp-{self.variant}.json")
+
+    # ------------------------------------------------------------ the last evaluation on the test split
+    def test_evaluation_of(self, model_round: int) -> tuple[float, float] | None:
+        """(loss, accuracy) of the model after round `model_round` on the holder's test split, where this holder
+        evaluated it already, in this process or another: Ray does not send a holder's messages to one worker, so
+        the result is kept in the holder's folder too."""
+        for known in (self._test_evaluation, self._read_test_evaluation()):
+            if known is not None and known[0] == model_round:
+                self._test_evaluation = known
+                return known[1], known[2]
+        return None
+
+    def remember_test_evaluation(self, model_round: int, loss: float, accuracy: float) -> None:
+        self._test_evaluation = (model_round, loss, accuracy)
+        record = {"round": model_round, "loss": loss, "accuracy": accuracy}
+        atomic_write_bytes(self._test_evaluation_path, json.dumps(record).encode(), private=True)
+
+    @property
+    def _test_evaluation_path(self) -> Path:
+        return self.home / f"test-evaluation-{self.variant}.json"
+
+    def _read_test_evaluation(self) -> tuple[int, float, float] | None:
+        try:
+            record = json.loads(self._test_evaluation_path.read_text())
+            return int(record["round"]), float(record["loss"]), float(record["accuracy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     # ------------------------------------------------------------ local state
     def local_state_path(self, server_round: int) -> Path:

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from torch import nn
 
-from clients.augconv import AugConv
+from clients.augconv import AugConv, augconv_bytes
 from clients.keys import HolderKey, MorphingKeyError
 from clients.morphing import morph, unmorph
 from clients.secrets import HolderSecrets
@@ -91,3 +91,35 @@ def test_key_files_round_trip_and_carry_their_holders_tag(tmp_path_factory, geom
         assert "authentication tag" in str(error)
     else:
         raise AssertionError("another holder's file key accepted the tag")
+
+
+@SETTINGS
+@given(geometries(), st.sampled_from([1, 3]), st.booleans(), st.integers(1, 4))
+def test_augconv_files_round_trip_exactly_and_carry_their_holders_tag(tmp_path_factory, geometry, kernel, bias,
+                                                                       out_channels):
+    """What a holder reads back is the layer it saved, buffer for buffer, or nothing (it then rebuilds); and the
+    memory the run's plan estimates for it before any key is drawn is what it holds."""
+    shape, padding, family, q, entries, seed = geometry
+    key = HolderKey.generate(shape, family=family, block_size=q, padding=padding, entries=entries, seed=seed)
+    conv_padding = padding if padding else kernel // 2
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(shape[0], out_channels, kernel, padding=conv_padding, bias=bias)
+    augconv = AugConv.from_conv(conv, key, list(reversed(range(out_channels))))
+    assert augconv.memory_bytes - sum(buffer.numel() * buffer.element_size() for name, buffer in
+                                      augconv.named_buffers() if name != "weight") \
+        == augconv_bytes(conv, key.domain_shape, family, key.block_size, padding)
+    path = tmp_path_factory.mktemp("augconv") / "augconv.pt"
+    owner, stranger = HolderSecrets.from_holder_seed(seed, 0), HolderSecrets.from_holder_seed(seed, 1)
+    augconv.save(path, auth_key=owner.file_key)
+    loaded = AugConv.load(path, auth_key=owner.file_key)
+    assert loaded is not None and repr(loaded) == repr(augconv)
+    saved, read = dict(augconv.named_buffers()), dict(loaded.named_buffers())
+    assert saved.keys() == read.keys()
+    assert all(torch.equal(saved[name], read[name]) and saved[name].dtype == read[name].dtype for name in saved)
+    x = morph(torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed)), key)
+    assert torch.equal(loaded(x), augconv(x))
+    assert AugConv.load(path, auth_key=stranger.file_key) is None
+    edited = torch.load(path, weights_only=True)
+    edited["tensors"]["weight"] = edited["tensors"]["weight"] + 1
+    torch.save(edited, path)
+    assert AugConv.load(path, auth_key=owner.file_key) is None

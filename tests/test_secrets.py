@@ -273,3 +273,17 @@ def test_a_federation_secret_from_node_config_must_be_32_bytes_of_hex_and_is_sha
         with pytest.raises(UsageError, match="64 hex digits"):
             holder_secrets(tmp_path / f"bad-{len(bad)}-{bad[:2]}", 0, federation_secret=bad)
     assert repr(first) == "HolderSecrets(source='entropy', federation=yes)"
+
+
+def test_a_holders_last_test_evaluation_is_reused_by_another_worker_for_that_model_only(tmp_path):
+    """Ray sends a holder's messages to any worker: the evaluation that round r's evaluate message made is the one
+    round r+1's training starts from, wherever it runs, so it is kept in the holder's folder (owner-only)."""
+    home, _, open_holder = holder_parts(tmp_path)
+    first_worker, second_worker = open_holder(), open_holder()
+    assert first_worker.test_evaluation_of(2) is None
+    first_worker.remember_test_evaluation(2, 0.5, 0.75)
+    assert second_worker.test_evaluation_of(2) == (0.5, 0.75)
+    assert second_worker.test_evaluation_of(1) is None and second_worker.test_evaluation_of(3) is None
+    assert stat.S_IMODE((home / "test-evaluation-mple.json").stat().st_mode) == 0o600
+    (home / "test-evaluation-mple.json").write_text("{damaged")
+    assert open_holder().test_evaluation_of(2) is None  # evaluated again, never an error

@@ -1,0 +1,131 @@
+"""What a holder reads back and what it accepts, check by check: key files (permissions, no pickles, layout,
+version), secrets files (lengths), and the holder's security floor (its own settings). Each test here was written
+against a mutant that the rest of the suite let through (benchmarks/mutation.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.floor import SecurityFloor
+from clients.keys import FAMILIES, HolderKey, MorphingKeyError
+from clients.secrets import SECRET_BYTES, HolderSecrets
+from simulation.errors import UsageError
+
+
+def rewritten(path: Path, **entries: bytes) -> Path:
+    """The key file at `path` with some of its entries replaced (a planted or damaged file)."""
+    with zipfile.ZipFile(path) as archive:
+        content = {name: archive.read(name) for name in archive.namelist()}
+    content.update(entries)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in content.items():
+            archive.writestr(name, data)
+    return path
+
+
+def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def key_file(tmp_path) -> Path:
+    return HolderKey.generate((1, 4, 4), family="blocks", block_size=4, seed=3).save(tmp_path / "key.mple")
+
+
+def test_a_key_file_others_can_read_is_warned_about_and_an_owner_only_one_is_not(key_file):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HolderKey.load(key_file)  # 0600, as saved
+    os.chmod(key_file, 0o640)
+    with pytest.warns(UserWarning, match=r"accessible to other users; restrict it with 'chmod 600"):
+        HolderKey.load(key_file)
+
+
+class _Runs:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mple-planted-by-a-key-file",))
+
+
+def test_a_key_file_holding_a_pickle_is_refused_without_running_it(key_file):
+    marker = Path("/tmp/mple-planted-by-a-key-file")
+    marker.unlink(missing_ok=True)
+    rewritten(key_file, **{"blocks.npy": npy(np.array([_Runs()], dtype=object), allow_pickle=True)})
+    with pytest.raises(MorphingKeyError, match="truncated or not a key file"):
+        HolderKey.load(key_file)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("blocks, refusal", [
+    (np.eye(4, dtype=np.float32)[None].repeat(4, 0), "dtype float32"),
+    (np.eye(4)[None].repeat(4, 0)[0], "2 dimensions"),
+])
+def test_a_key_file_with_blocks_of_another_type_or_shape_is_refused(key_file, blocks, refusal):
+    rewritten(key_file, **{"blocks.npy": npy(blocks)})
+    with pytest.raises(MorphingKeyError, match=f"invalid .*{refusal}"):
+        HolderKey.load(key_file)
+
+
+def test_a_key_file_of_another_format_version_or_entries_is_refused_naming_it(key_file):
+    with zipfile.ZipFile(key_file) as archive:
+        meta = json.loads(archive.read("meta.json"))
+    rewritten(key_file, **{"meta.json": json.dumps({**meta, "format_version": 99}).encode()})
+    with pytest.raises(MorphingKeyError, match="format version 99"):
+        HolderKey.load(key_file)
+    rewritten(key_file, **{"extra.bin": b"x"})
+    with pytest.raises(MorphingKeyError, match=r"entries \['blocks.npy', 'extra.bin', 'meta.json'\]"):
+        HolderKey.load(key_file)
+
+
+def test_a_key_file_that_fails_its_fingerprint_names_both(key_file):
+    key = HolderKey.load(key_file)
+    with zipfile.ZipFile(key_file) as archive:
+        meta = json.loads(archive.read("meta.json"))
+    rewritten(key_file, **{"meta.json": json.dumps({**meta, "fingerprint": "0" * 16}).encode()})
+    with pytest.raises(MorphingKeyError, match=f"fingerprint {key.fingerprint} does not match the recorded 0{{16}}"):
+        HolderKey.load(key_file)
+
+
+def secrets_file(tmp_path, **record) -> Path:
+    path = tmp_path / "secrets.json"
+    base = {"version": 1, "holder": "ab" * SECRET_BYTES, "federation": None, "source": "entropy"}
+    path.write_text(json.dumps({**base, **record}))
+    return path
+
+
+def test_secrets_files_must_hold_secrets_of_the_full_length(tmp_path):
+    assert HolderSecrets.load(secrets_file(tmp_path)).federation is None
+    assert HolderSecrets.load(secrets_file(tmp_path, federation="cd" * SECRET_BYTES)).federation == b"\xcd" * SECRET_BYTES
+    for record in ({"holder": "ab" * (SECRET_BYTES - 1)}, {"federation": "cd" * (SECRET_BYTES - 1)}):
+        with pytest.raises(UsageError, match=r"damaged \(wrong secret length\)"):
+            HolderSecrets.load(secrets_file(tmp_path, **record))
+    with pytest.raises(UsageError, match=r"damaged \(version 7\)"):
+        HolderSecrets.load(secrets_file(tmp_path, version=7))
+
+
+@pytest.mark.parametrize("families, minimum, refusal", [
+    (("dense", "planted"), 4, r"key families must be among dense, blocks, repeated, got dense, planted"),
+    ((), 4, r"got none"),
+    (FAMILIES, 1, r"smallest block size must be an integer of at least 2 .* got 1"),
+    (FAMILIES, True, r"got True"),
+    (FAMILIES, 4.0, r"got 4.0"),
+])
+def test_a_holders_floor_refuses_settings_that_are_no_floor(families, minimum, refusal):
+    with pytest.raises(UsageError, match=refusal):
+        SecurityFloor(families, minimum)
+
+
+def test_a_floor_of_q_2_is_the_weakest_allowed_and_it_holds():
+    floor = SecurityFloor(("blocks",), 2)
+    floor.check_key(HolderKey.generate((1, 4, 4), family="blocks", block_size=2, seed=1))
+    with pytest.raises(UsageError, match="refuses a repeated key"):
+        floor.check_request("repeated", 2, (1, 4, 4), 0)
