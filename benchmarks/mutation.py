@@ -16,6 +16,8 @@ which would make a run take hours on 2 cores; they are covered by the end-to-end
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import re
 import shutil
@@ -54,6 +56,85 @@ def configure(target: Path, max_children: int, modules: list[str]) -> None:
     )
 
 
+# ---------------------------------------------------------------- what each survivor changed, and why it lives
+def mutant_changes(work: Path, names: list[str]) -> dict[str, tuple[str, str]]:
+    """(removed, added) source of each mutant against its function's original, read from mutmut's mutants/ folder
+    (mutmut keeps every mutant as a function beside the original)."""
+    functions: dict[str, dict[str, list[str]]] = {}
+    changes = {}
+    for name in names:
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            path = work / "mutants" / ("/".join(parts[:cut]) + ".py")
+            if path.is_file():
+                module, function = "/".join(parts[:cut]), ".".join(parts[cut:])
+                break
+        else:
+            continue
+        if module not in functions:
+            lines = path.read_text().splitlines()
+            functions[module] = {node.name: lines[node.lineno - 1:node.end_lineno] for node in
+                                 ast.walk(ast.parse("\n".join(lines))) if isinstance(node, ast.FunctionDef)}
+        base = function.rsplit("__mutmut_", 1)[0]
+        original = [line.replace(f"{base}__mutmut_orig", base) for line in functions[module].get(f"{base}__mutmut_orig", [])]
+        mutant = [line.replace(function, base) for line in functions[module].get(function, [])]
+        delta = [line for line in difflib.unified_diff(original, mutant, lineterm="", n=0)
+                 if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        changes[name] = (" ".join(line[1:].strip() for line in delta if line[0] == "-"),
+                         " ".join(line[1:].strip() for line in delta if line[0] == "+"))
+    return changes
+
+
+_STRING = re.compile(r"""(["'])(?:(?!\1).)*\1""")
+_TALKS = re.compile(r"raise |warn\(|Error\(|_check_\w+\(|progress\(|^f?[\"']|^\)|error_message")
+
+
+def _only_text(removed: str, added: str) -> bool:
+    return _STRING.sub('""', removed) == _STRING.sub('""', added)
+
+
+# (group, test on (function, removed, added), why the tests let it live). The first that matches is the group.
+GROUPS = [
+    ("message text", lambda f, r, a: (_only_text(r, a) or re.sub(r'"[^"]*"|None', "_", r) == re.sub(r'"[^"]*"|None', "_", a))
+     and (_TALKS.search(r) or f.split("__mutmut")[0].endswith(("_short", "_preview", "extra_repr", "_check_choice"))),
+     "changes only the wording of an error, warning or description (text wrapped in XX, upper-cased, a label or "
+     "separator dropped): the tests match each message by the fragment that names the problem and the fix, not "
+     "letter for letter"),
+    ("message formatting", lambda f, r, a: f.split("__mutmut")[0].endswith(("_short", "_preview", "extra_repr")),
+     "changes how a value is abbreviated in a message or a layer's description (a length limit, an ellipsis)"),
+    ("warning stack level", lambda f, r, a: "stacklevel" in r + a,
+     "changes which caller a warning names (warnings.warn's stacklevel): the warning itself is tested"),
+    ("threshold equality", lambda f, r, a: re.sub(r">=|<=", lambda m: m.group()[0], a) == r
+     and re.search(r"[<>]=? *([A-Z_]{3,}|\d+\.\d*)", r) is not None,
+     "moves a bound on a float (a condition number, an error) from > to >=: only a value exactly on the bound "
+     "tells them apart, and none is"),
+    ("same as the default", lambda f, r, a: re.search(r"token_(bytes|hex)\(SECRET_BYTES\)", r) is not None
+     or "map_location" in r or re.search(r"dtype=np\.int64", r) is not None,
+     "passes None or drops an argument whose default is the same here: token_bytes/token_hex default to 32 bytes "
+     "(SECRET_BYTES), tensors are saved from the CPU so map_location changes nothing, numpy makes int64 of "
+     "Python ints"),
+    ("format detail kept by writer and reader", lambda f, r, a: "sort_keys" in r or "ZIP_STORED" in r
+     or 'to_bytes(8, "little")' in r,
+     "changes a detail of the file format that the writer and the reader share (key order of the JSON header, zip "
+     "compression, the byte order of a length in the tag): files still round-trip and tags still fail on an edit; "
+     "only a file written by another version would tell"),
+    ("diagnostic estimate", lambda f, r, a: "expected_float32_error" in f,
+     "changes the sampled estimate of float32 error printed in the key table (its seed, dtype of the estimate): "
+     "tests check its order of magnitude against the measured error, not its digits"),
+    ("domain-separation label", lambda f, r, a: _only_text(r, a) and re.search(r"seed\(|_derive|federation_seed", r),
+     "renames the label from which a secret seed is derived: any fixed label gives an equally secret, "
+     "reproducible seed; tests check that seeds are reproducible and distinct per purpose and holder"),
+]
+
+
+def explain(name: str, removed: str, added: str) -> tuple[str, str]:
+    function = name.rsplit(".", 1)[-1]
+    for group, matches, reason in GROUPS:
+        if matches(function, removed, added):
+            return group, reason
+    return "not explained", "inspect it: kill it with a test, or explain it here"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mutation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +145,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="keep mutmut's working copy in this folder, so a stopped run resumes where it stopped "
                              "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--only", type=Path, metavar="FILE",
+                        help="test only the mutants named in FILE, one per line (with --work: the survivors of an "
+                             "earlier run, against new tests)")
+    parser.add_argument("--report-only", action="store_true", help="with --work: report what mutmut has, run nothing")
     args = parser.parse_args(argv)
     if shutil.which("mutmut") is None and not Path(sys.executable).with_name("mutmut").exists():
         print("error: mutmut is not installed; pip install mutmut", file=sys.stderr)
@@ -77,37 +162,65 @@ def main(argv=None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             copy_repository(work)
             configure(work, args.max_children, args.modules)
-        run = subprocess.run([mutmut, "run", "--max-children", str(args.max_children)], cwd=work, text=True)
+        names = args.only.read_text().split() if args.only else []
+        if not args.report_only:
+            subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *names], cwd=work, text=True)
         listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=work, text=True, capture_output=True)
-    statuses = {}
-    for line in listing.stdout.splitlines():
-        match = STATUS.match(line)
-        if match:
-            statuses[match["name"]] = match["status"].strip()
-    if not statuses:
-        print(f"error: mutmut reported no mutants (exit {run.returncode}); its output is above",
-              file=sys.stderr)
-        return 1
+        statuses = {}
+        for line in listing.stdout.splitlines():
+            match = STATUS.match(line)
+            if match:
+                statuses[match["name"]] = match["status"].strip()
+        if not statuses:
+            print("error: mutmut reported no mutants; its output is above", file=sys.stderr)
+            return 1
+        changes = mutant_changes(work, sorted(name for name, status in statuses.items() if status == "survived"))
     per_module: dict[str, dict[str, int]] = {}
     for name, status in statuses.items():
-        module = name.split(".x")[0].split("__mutmut")[0].rsplit(".", 1)[0]
+        module = re.split(r"\.x[_ǁ]", name)[0]
         per_module.setdefault(module, {}).setdefault(status, 0)
         per_module[module][status] += 1
-    survivors = sorted(name for name, status in statuses.items() if status == "survived")
+    survivors = []
+    for name in sorted(changes):
+        group, reason = explain(name, *changes[name])
+        survivors.append({"mutant": name, "removed": changes[name][0], "added": changes[name][1], "group": group,
+                          "why": reason})
+    groups: dict[str, int] = {}
+    for survivor in survivors:
+        groups[survivor["group"]] = groups.get(survivor["group"], 0) + 1
     killed = sum(status == "killed" for status in statuses.values())
     figures = {"mutants": len(statuses), "killed": killed, "survived": len(survivors),
-               "other": len(statuses) - killed - len(survivors), "per_module": per_module, "survivors": survivors,
+               "other": len(statuses) - killed - len(survivors), "per_module": per_module,
+               "survivor_groups": groups, "survivors": survivors,
                "seconds": round(time.monotonic() - started, 1), "modules": args.modules, "tests": TESTS}
     print(f"{len(statuses)} mutants: {killed} killed, {len(survivors)} survived, {figures['other']} other "
-          f"(timeouts, no tests) in {figures['seconds']:.0f} s")
+          f"(no tests: functions no test calls) in {figures['seconds']:.0f} s")
     for module, counts in sorted(per_module.items()):
         print(f"  {module}: " + ", ".join(f"{status} {count}" for status, count in sorted(counts.items())))
-    for name in survivors:
-        print(f"  survived: {name}")
+    print("survivors by why they live:")
+    for group, count in sorted(groups.items(), key=lambda item: -item[1]):
+        print(f"  {count:4d}  {group}")
+    for survivor in survivors:
+        if survivor["group"] == "not explained":
+            print(f"  not explained: {survivor['mutant']}: - {survivor['removed'][:100]}  + {survivor['added'][:100]}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mutation.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"results: {args.out / 'mutation.json'}")
+    (args.out / "survivors.md").write_text(survivors_markdown(figures))
+    print(f"results: {args.out / 'mutation.json'}, {args.out / 'survivors.md'}")
     return 0
+
+
+def survivors_markdown(figures: dict) -> str:
+    lines = [f"# Surviving mutants: {figures['survived']} of {figures['mutants']}", "",
+             f"{figures['killed']} killed, {figures['other']} without a covering test. Grouped by why the tests let "
+             "them live; each group's reason, then its mutants (what was removed, what was put in).", ""]
+    reasons = {group: why for group, _, why in GROUPS} | {"not explained": "inspect it"}
+    for group, count in sorted(figures["survivor_groups"].items(), key=lambda item: -item[1]):
+        lines += [f"## {group} ({count})", "", reasons.get(group, ""), ""]
+        lines += [f"- `{s['mutant']}`: `{s['removed'][:140]}` -> `{s['added'][:140]}`"
+                  for s in figures["survivors"] if s["group"] == group]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

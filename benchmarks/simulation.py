@@ -172,6 +172,49 @@ def hand_written_loop(config, overrides: dict, mple: bool, workers: int, threads
             pool.shutdown(cancel_futures=True)
 
 
+# ---------------------------------------------------------------- multiply-adds, to explain (b) over (a)
+def augconv_macs(augconv) -> int:
+    """Multiply-adds of one morphed image through AugConv: each row group's patch (slots x q) times its weight."""
+    groups, slots = augconv.block_index.shape
+    return groups * slots * augconv.block_size * augconv.weight.shape[-1]
+
+
+def backbone_macs(model, image_shape) -> tuple[int, int]:
+    """(first layer, backbone) multiply-adds of one plain image, counted on the convolutions and linear layers."""
+    counts = []
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            counts.append(output[0].numel() * kernel)
+        elif isinstance(module, torch.nn.Linear):
+            counts.append(module.in_features * module.out_features)
+
+    hooks = [module.register_forward_hook(count) for module in model.modules()
+             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model.backbone(model.first(torch.zeros(1, *image_shape)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts[0], sum(counts[1:])
+
+
+def family_macs(config, model, image_shape, home: Path) -> dict:
+    """The first layer's multiply-adds for a key of `config`'s family (one holder's key), against the plain one's,
+    and what that makes of a training step (forward and backward of the backbone cost about 3x its forward; the
+    frozen first layer only runs forward)."""
+    holder = Holder(0, HolderSettings.from_config(config, "mple"), home,
+                    provision_holders(home / "holders", holder_seed=0).secrets_for(home / "h", 0), model.first,
+                    torch.device("cpu"))
+    conv, backbone = backbone_macs(model, image_shape)
+    aug = augconv_macs(holder.first)
+    return {"q": holder.key.block_size, "augconv_macs": aug, "conv_macs": conv, "backbone_macs": backbone,
+            "first_layer_ratio": aug / conv, "step_macs_ratio": (aug + 3 * backbone) / (conv + 3 * backbone)}
+
+
 # ---------------------------------------------------------------- (c): the engine, profiled
 def engine_run(config, run_dir: Path, profile: Path) -> dict:
     os.environ[PROFILE_ENV] = str(profile)  # Ray's servers start from this environment, and so do its workers
@@ -216,7 +259,10 @@ def main(argv=None) -> int:
     parser.add_argument("--holders", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--model", default="cnn")
-    parser.add_argument("--key-family", default="repeated")
+    parser.add_argument("--key-family", default="repeated", help="the key of (b) and (c)")
+    parser.add_argument("--families", default="",
+                        help="comma-separated key families whose (b) is also run against (a), with their multiply-adds "
+                             "(for example repeated,blocks,dense); (c) runs with --key-family only")
     parser.add_argument("--cpus-per-holder", type=float, default=1.0)
     parser.add_argument("--gpus-per-holder", type=float, default=0.0,
                         help="holders on CUDA: (c) gets this much of a GPU per holder, (a) and (b) one worker per share")
@@ -252,6 +298,18 @@ def main(argv=None) -> int:
         print(f"(b) MpLe loop    rounds {_fmt(mple['round_s'])}", flush=True)
         engine = engine_run(config, folder / "c", folder / "profile.jsonl")
         print(f"(c) simulation   rounds {_fmt(engine['round_s'])}", flush=True)
+        per_family = {}
+        for family in [name for name in args.families.split(",") if name]:
+            family_config = build_config({**overrides, "key_family": family})
+            run = mple if family == config.key_family else hand_written_loop(
+                family_config, {**overrides, "key_family": family}, True, workers, threads, first_state,
+                backbone_state, folder / f"b-{family}" / "holders")
+            per_family[family] = {"mple_round_s": run["round_s"],
+                                  "ratio_mple_loop": statistics.mean(run["round_s"][1:])
+                                  / statistics.mean(plain["round_s"][1:]),
+                                  **family_macs(family_config, model, placement.dataset.image_shape,
+                                                folder / f"macs-{family}")}
+            print(f"(b) MpLe loop, {family:<8} rounds {_fmt(run['round_s'])}", flush=True)
 
     steady = slice(1, None)
     a, b, c = (statistics.mean(run["round_s"][steady]) for run in (plain, mple, engine))
@@ -282,6 +340,7 @@ def main(argv=None) -> int:
         "holder_message_total_ms": holder_total,
         "remainder_ms_per_message": remainder_ms,
         "targets": {"ratio_engine": c / b <= RATIO_TARGET, "startup": engine["startup_s"] < STARTUP_TARGET_S},
+        "per_family": per_family,
     }
     print(f"\nper round, after round 1 (mean of rounds 2-{config.rounds}):  (a) {a:.2f} s   (b) {b:.2f} s   "
           f"(c) {c:.2f} s")
@@ -301,6 +360,13 @@ def main(argv=None) -> int:
           f"{'met' if figures['targets']['startup'] else 'missed'}): Ray {engine['ray_start_s']:.1f} s, plan and "
           f"phase 0 {engine['phase0_s']:.1f} s, first messages (actors start) {engine['identify_s']:.1f} s; "
           f"final evaluation {engine['final_evaluation_s']:.1f} s")
+    if per_family:
+        print("\n(b) over (a) per key family, and multiply-adds per image (first layer; training step = first layer "
+              "forward + 3x backbone forward)")
+        for family, row in per_family.items():
+            print(f"  {family:<9} q={row['q']:>5}  (b)/(a) {row['ratio_mple_loop']:5.2f}   first layer "
+                  f"{row['augconv_macs'] / 1e6:8.2f} M against {row['conv_macs'] / 1e6:.2f} M "
+                  f"({row['first_layer_ratio']:.1f}x)   step {row['step_macs_ratio']:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=2) + "\n")

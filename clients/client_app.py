@@ -185,10 +185,11 @@ class HolderJob:
         return ArrayRecord({name: state[name].detach().cpu() for name in self.received})
 
     def save_local(self) -> None:
-        state = self.backbone.state_dict()
-        self.holder.save_local_state(
-            self.server_round, {name: value for name, value in state.items() if name not in self.received}
-        )
+        """The backbone entries the server did not send (holder-local layers), kept in the holder's folder; a run
+        without any writes nothing."""
+        local = {name: value for name, value in self.backbone.state_dict().items() if name not in self.received}
+        if local:
+            self.holder.save_local_state(self.server_round, local)
 
     def evaluate_test_split(self) -> tuple[float, float]:
         """(loss, accuracy) on the holder's own test split. The model evaluated after round r (global arrays of

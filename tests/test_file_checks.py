@@ -16,7 +16,7 @@ import pytest
 
 from clients.floor import SecurityFloor
 from clients.keys import FAMILIES, HolderKey, MorphingKeyError
-from clients.secrets import SECRET_BYTES, HolderSecrets
+from clients.secrets import SECRET_BYTES, HolderSecrets, channel_order, provision_holders
 from simulation.errors import UsageError
 
 
@@ -129,3 +129,25 @@ def test_a_floor_of_q_2_is_the_weakest_allowed_and_it_holds():
     floor.check_key(HolderKey.generate((1, 4, 4), family="blocks", block_size=2, seed=1))
     with pytest.raises(UsageError, match="refuses a repeated key"):
         floor.check_request("repeated", 2, (1, 4, 4), 0)
+
+
+def test_channel_orders_none_federation_wide_or_per_holder():
+    first, second = HolderSecrets.from_holder_seed(5, 0), HolderSecrets.from_holder_seed(5, 1)
+    assert channel_order(first, "none", 16).tolist() == list(range(16))
+    shared = channel_order(first, "federation", 16)
+    assert shared.tolist() == channel_order(second, "federation", 16).tolist() != list(range(16))
+    own = channel_order(first, "holder", 16)
+    assert own.tolist() != channel_order(second, "holder", 16).tolist()
+    assert own.tolist() != shared.tolist() and sorted(own.tolist()) == list(range(16))
+
+
+def test_a_provision_reads_back_what_it_handed_out_and_says_where_secrets_came_from(tmp_path):
+    seeded = provision_holders(tmp_path / "seeded", holder_seed=3)
+    assert provision_holders(tmp_path / "seeded") == seeded and seeded.holder_seed is not None
+    assert provision_holders(tmp_path / "seeded", holder_seed=3) == seeded
+    secrets = seeded.secrets_for(tmp_path / "seeded" / "holder-0000", 0)
+    assert secrets.source == "holder-seed" and repr(secrets) == "HolderSecrets(source='holder-seed', federation=yes)"
+    drawn = provision_holders(tmp_path / "drawn")
+    assert drawn.holder_seed is None and len(bytes.fromhex(drawn.federation_secret)) == SECRET_BYTES
+    assert repr(HolderSecrets.fresh()) == "HolderSecrets(source='entropy', federation=no)"
+    assert len(HolderSecrets.fresh().holder) == SECRET_BYTES

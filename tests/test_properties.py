@@ -19,17 +19,18 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 @st.composite
 def geometries(draw):
-    """A key over a small image: channels, side, padding, family and a block size q that divides N."""
+    """A key over a small image, square or not: channels, height, width, padding, family and a block size q that
+    divides N."""
     channels = draw(st.sampled_from([1, 2, 3]))
-    side = draw(st.integers(3, 7))
+    height, width = draw(st.integers(3, 7)), draw(st.integers(3, 7))
     padding = draw(st.integers(0, 2))
     family = draw(st.sampled_from(["dense", "blocks", "repeated"]))
-    size = channels * (side + 2 * padding) ** 2
+    size = channels * (height + 2 * padding) * (width + 2 * padding)
     divisors = [q for q in range(2, size + 1) if size % q == 0 and q <= 64]
     q = None if family == "dense" else draw(st.sampled_from(divisors))
     entries = draw(st.sampled_from(["uniform", "integer"]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return (channels, side, side), padding, family, q, entries, seed
+    return (channels, height, width), padding, family, q, entries, seed
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -59,8 +60,8 @@ def test_augconv_of_the_morphed_image_is_the_convolution_in_the_channel_order(ge
     key = HolderKey.generate(shape, family=family, block_size=q, padding=padding, entries=entries, seed=seed)
     # Keys over the padded image need the convolution to pad by as much; keys over the image take any padding.
     conv_padding = padding if padding else data.draw(st.integers(0, kernel // 2), label="conv padding")
-    if shape[1] + 2 * conv_padding < kernel:
-        conv_padding = (kernel - shape[1] + 1) // 2 + 1
+    if min(shape[1:]) + 2 * conv_padding < kernel:
+        conv_padding = (kernel - min(shape[1:]) + 1) // 2 + 1
         if padding:
             return
     torch.manual_seed(seed)
