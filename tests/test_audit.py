@@ -38,12 +38,23 @@ def planted_replies():
                                "carries metrics"),
         "key as a metric list": (reply(metric_values={**metrics, "train_loss": key.tolist()}), "not one number"),
         "key in the holder record": (reply(holder={"holder-id": 0, "key": key.tolist()}), "exactly one integer"),
+        "holder id as text": (reply(holder={"holder-id": "0"}), "exactly one integer"),
+        "holder id as a fraction": (reply(holder={"holder-id": 0.5}), "exactly one integer"),
+        "a shared entry retyped": (reply(arrays={"a": sent["a"].double(), "b": sent["b"]}), "retypes"),
+        "a shared entry left out": (reply(arrays={"a": sent["a"]}), "exactly the shared entries sent"),
+        "key as arrays named metrics": (reply(extra={"metrics": ArrayRecord({"a": key})}), "array records"),
+        "key as metrics named holder": (reply(extra={"holder": MetricRecord({"k": 1.0})}), "other than its metrics"),
+        "key as config named metrics": (reply(extra={"metrics": ConfigRecord({"k": key.tolist()})}),
+                                        "other than its metrics"),
         "honest": (reply(), None),
     }
 
 
 @pytest.mark.parametrize("case", ["local entry", "key in place of a shared entry", "extra array record",
-                                  "key in the metrics", "key as a metric list", "key in the holder record", "honest"])
+                                  "key in the metrics", "key as a metric list", "key in the holder record",
+                                  "holder id as text", "holder id as a fraction", "a shared entry retyped",
+                                  "a shared entry left out", "key as arrays named metrics",
+                                  "key as metrics named holder", "key as config named metrics", "honest"])
 def test_audit_checks_what_a_reply_carries_not_only_its_record_names(case):
     message, replies = planted_replies()
     planted, refusal = replies[case]
@@ -55,6 +66,23 @@ def test_audit_checks_what_a_reply_carries_not_only_its_record_names(case):
     else:
         with pytest.raises(AuditViolation, match=refusal):
             audit._check_incoming(planted)
+
+
+def test_an_evaluation_reply_carries_no_arrays_and_the_audit_counts_what_crossed():
+    message, replies = planted_replies()
+    evaluate = Message(RecordDict({"config": ConfigRecord({"lr": 0.1}), "arrays": message.content["arrays"]}),
+                       dst_node_id=1000, message_type=MessageType.EVALUATE)
+    evaluate.metadata.__dict__["_message_id"] = "e"
+    audit = AuditGrid(InProcessGrid(1), shared_names={"a", "b"})
+    audit._check_outgoing(evaluate)
+    carrying = Message(RecordDict({"arrays": ArrayRecord(dict(message.content["arrays"].to_torch_state_dict())),
+                                   "metrics": MetricRecord({"num_examples": 3, "eval_loss": 0.1,
+                                                            "eval_accuracy": 0.5})}), reply_to=evaluate)
+    with pytest.raises(AuditViolation, match="exactly the shared entries sent"):
+        audit._check_incoming(carrying)
+    audit._check_outgoing(message)
+    audit._check_incoming(replies["honest"][0])
+    assert (audit.sent, audit.received) == (2, 2)
 
 
 def test_audit_refuses_records_a_message_may_not_carry_and_replies_to_nothing():
@@ -97,6 +125,26 @@ def test_a_holder_back_on_a_new_node_replaces_its_old_node():
     identified(audit, 2001, 1)
     assert audit.get_node_ids() == [1000, 2001] and audit.unidentified() == []
     assert audit.holder_of[2001] == 1
+
+
+def test_nodes_are_listed_in_holder_order_whatever_their_ids_newcomers_last():
+    grid = Nodes([1000, 5000])
+    audit = AuditGrid(grid, shared_names={"a"})
+    identified(audit, 5000, 0)
+    identified(audit, 1000, 1)
+    assert audit.get_node_ids() == [5000, 1000]
+    grid.nodes = [10, 1000, 5000]
+    assert audit.get_node_ids() == [5000, 1000, 10] and audit.unidentified() == [10]
+
+
+def test_a_node_that_claims_its_holder_back_replaces_the_newer_one():
+    grid = Nodes([1000, 2000])
+    audit = AuditGrid(grid, shared_names={"a"})
+    identified(audit, 1000, 1)
+    identified(audit, 2000, 1)
+    assert audit.get_node_ids() == [2000]
+    identified(audit, 1000, 1)
+    assert audit.get_node_ids() == [1000]
 
 
 def test_an_error_reply_from_the_superlink_for_a_node_that_went_away_is_not_a_violation():
