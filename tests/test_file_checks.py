@@ -16,7 +16,7 @@ import pytest
 
 from clients.floor import SecurityFloor
 from clients.keys import FAMILIES, HolderKey, MorphingKeyError
-from clients.secrets import SECRET_BYTES, HolderSecrets, channel_order, provision_holders
+from clients.secrets import SECRET_BYTES, HolderSecrets, channel_order, draw_key, provision_holders
 from simulation.errors import UsageError
 
 
@@ -151,3 +151,41 @@ def test_a_provision_reads_back_what_it_handed_out_and_says_where_secrets_came_f
     assert drawn.holder_seed is None and len(bytes.fromhex(drawn.federation_secret)) == SECRET_BYTES
     assert repr(HolderSecrets.fresh()) == "HolderSecrets(source='entropy', federation=no)"
     assert len(HolderSecrets.fresh().holder) == SECRET_BYTES
+
+
+def test_a_holders_key_is_drawn_with_the_settings_asked_for_from_its_own_secret():
+    first, second = HolderSecrets.from_holder_seed(5, 0), HolderSecrets.from_holder_seed(5, 1)
+    key = draw_key(first, (1, 6, 6), family="blocks", block_size=8, entries="integer", padding=1)
+    assert (key.family, key.block_size, key.entries, key.padding, key.image_shape) == ("blocks", 8, "integer", 1,
+                                                                                      (1, 6, 6))
+    again = draw_key(first, (1, 6, 6), family="blocks", block_size=8, entries="integer", padding=1)
+    other = draw_key(second, (1, 6, 6), family="blocks", block_size=8, entries="integer", padding=1)
+    assert again == key and other != key
+    assert first.seed("key") != first.seed("order") != first.seed("batches", 1) != first.seed("batches", 2)
+    seeds = [HolderSecrets.from_holder_seed(5, holder).seed("key") for holder in range(200)]
+    assert all(0 <= seed < 2**63 for seed in seeds) and max(seeds) >= 2**62  # 63 bits, all of them used
+
+
+@pytest.mark.parametrize("seed", [True, -1, "seven", 1.5])
+def test_a_holder_seed_must_be_a_non_negative_integer(seed):
+    with pytest.raises(UsageError, match="holder-seed must be a non-negative integer"):
+        HolderSecrets.from_holder_seed(seed, 0)
+
+
+def test_a_holder_without_a_federation_secret_saves_and_reads_its_secrets(tmp_path):
+    alone = HolderSecrets.fresh()
+    alone.save(tmp_path / "secrets.json")
+    assert HolderSecrets.load(tmp_path / "secrets.json") == alone
+
+
+def test_the_floor_checks_the_keys_own_q_and_counts_pixels_mixed_per_row():
+    floor = SecurityFloor(("blocks",), 8)
+    with pytest.raises(UsageError, match="q = 4"):
+        floor.check_key(HolderKey.generate((1, 8, 8), family="blocks", block_size=4, seed=1))
+    pairs = np.zeros((1, 4, 4))
+    for row in range(4):  # two pixels mixed in each row: weak, but no permutation
+        pairs[0, row, row], pairs[0, row, (row + 1) % 4] = 2.0, 1.0
+    SecurityFloor(("repeated",), 4).check_key(HolderKey("repeated", pairs, (1, 2, 2), 0, "uniform"))
+    with pytest.raises(UsageError, match="scaled permutations"):
+        SecurityFloor(("repeated",), 4).check_key(HolderKey("repeated", 3 * np.eye(4)[None, ::-1], (1, 2, 2), 0,
+                                                            "uniform"))

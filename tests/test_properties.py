@@ -53,15 +53,17 @@ def test_unmorph_inverts_morph(geometry, batch):
 
 
 @SETTINGS
-@given(geometries(), st.sampled_from([1, 3, 5]), st.booleans(), st.integers(1, 6), st.data())
+@given(geometries(), st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([1, 3, 5])), st.booleans(),
+       st.integers(1, 6), st.data())
 def test_augconv_of_the_morphed_image_is_the_convolution_in_the_channel_order(geometry, kernel, bias, out_channels,
                                                                                 data):
     shape, padding, family, q, entries, seed = geometry
     key = HolderKey.generate(shape, family=family, block_size=q, padding=padding, entries=entries, seed=seed)
     # Keys over the padded image need the convolution to pad by as much; keys over the image take any padding.
-    conv_padding = padding if padding else data.draw(st.integers(0, kernel // 2), label="conv padding")
-    if min(shape[1:]) + 2 * conv_padding < kernel:
-        conv_padding = (kernel - min(shape[1:]) + 1) // 2 + 1
+    largest = max(kernel)  # kernels may be taller than wide, or the reverse
+    conv_padding = padding if padding else data.draw(st.integers(0, largest // 2), label="conv padding")
+    if min(shape[1:]) + 2 * conv_padding < largest:
+        conv_padding = (largest - min(shape[1:]) + 1) // 2 + 1
         if padding:
             return
     torch.manual_seed(seed)
