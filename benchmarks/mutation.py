@@ -48,7 +48,7 @@ def copy_repository(target: Path) -> None:
 def configure(target: Path, max_children: int, modules: list[str]) -> None:
     (target / "setup.cfg").write_text(
         "[mutmut]\n"
-        f"paths_to_mutate =\n" + "".join(f"    {path}\n" for path in modules)
+        "source_paths =\n" + "".join(f"    {path}\n" for path in modules)
         + "also_copy =\n    simulation/\n    server/\n    strategies/\n    clients/\n    configs/\n    tests/\n"
         + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {path}\n" for path in TESTS)
         + "pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n"

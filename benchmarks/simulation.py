@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -43,7 +44,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from clients.holder import Holder, holder_home
+from clients.augconv import augconv_bytes
+from clients.holder import Holder, holder_home, key_padding
 from clients.secrets import provision_holders
 from server.first_layer import form_first_layer, initial_model
 from simulation.config import build_config
@@ -206,12 +208,18 @@ def family_macs(config, model, image_shape, home: Path) -> dict:
     """The first layer's multiply-adds for a key of `config`'s family (one holder's key), against the plain one's,
     and what that makes of a training step (forward and backward of the backbone cost about 3x its forward; the
     frozen first layer only runs forward)."""
-    holder = Holder(0, HolderSettings.from_config(config, "mple"), home,
-                    provision_holders(home / "holders", holder_seed=0).secrets_for(home / "h", 0), model.first,
-                    torch.device("cpu"))
     conv, backbone = backbone_macs(model, image_shape)
-    aug = augconv_macs(holder.first)
-    return {"q": holder.key.block_size, "augconv_macs": aug, "conv_macs": conv, "backbone_macs": backbone,
+    if config.key_family == "dense":  # one group using every weight once; no key drawn (a minute for 3x32x32)
+        padding = key_padding(config.key_padding, model.first)
+        domain = (image_shape[0], image_shape[1] + 2 * padding, image_shape[2] + 2 * padding)
+        q = math.prod(domain)
+        aug = augconv_bytes(model.first, domain, "dense", q, padding) // 4
+    else:
+        holder = Holder(0, HolderSettings.from_config(config, "mple"), home,
+                        provision_holders(home / "holders", holder_seed=0).secrets_for(home / "h", 0), model.first,
+                        torch.device("cpu"))
+        q, aug = holder.key.block_size, augconv_macs(holder.first)
+    return {"q": q, "augconv_macs": aug, "conv_macs": conv, "backbone_macs": backbone,
             "first_layer_ratio": aug / conv, "step_macs_ratio": (aug + 3 * backbone) / (conv + 3 * backbone)}
 
 
@@ -240,11 +248,20 @@ def engine_run(config, run_dir: Path, profile: Path) -> dict:
             "profile": lines, "accuracy": metrics["final"]["accuracy"]}
 
 
+def in_rounds(profile: list[dict]) -> list[dict]:
+    """The lines of phases that ran during the rounds: after the start-up's messages (identify, align), before
+    the final evaluation."""
+    server = {line["phase"]: line for line in profile if line["side"] == "server"}
+    start = server["identify and align"]["t"]
+    end = server["final evaluation"]["t"] - server["final evaluation"]["s"]
+    return [line for line in profile if line["t"] - line["s"] >= start and line["t"] <= end]
+
+
 def breakdown(profile: list[dict], config, messages: int) -> dict[str, float]:
-    """Milliseconds per holder-message of each phase, over the rounds (round 1 included, where the holders are
+    """Milliseconds per holder-message of each phase during the rounds (round 1 included, where the holders are
     set up: that is where set-up and cache cost)."""
     per_phase: dict[str, float] = {}
-    for line in profile:
+    for line in in_rounds(profile):
         if line["side"] == "holder" or line["phase"] in SERVER_PHASES:
             key = f"{line['side']}: {line['phase']}"
             per_phase[key] = per_phase.get(key, 0.0) + line["s"]
@@ -301,6 +318,10 @@ def main(argv=None) -> int:
         per_family = {}
         for family in [name for name in args.families.split(",") if name]:
             family_config = build_config({**overrides, "key_family": family})
+            if family == "dense":  # its keys take about a minute each to draw here: multiply-adds only
+                per_family[family] = family_macs(family_config, model, placement.dataset.image_shape,
+                                                 folder / "macs-dense")
+                continue
             run = mple if family == config.key_family else hand_written_loop(
                 family_config, {**overrides, "key_family": family}, True, workers, threads, first_state,
                 backbone_state, folder / f"b-{family}" / "holders")
@@ -364,7 +385,8 @@ def main(argv=None) -> int:
         print("\n(b) over (a) per key family, and multiply-adds per image (first layer; training step = first layer "
               "forward + 3x backbone forward)")
         for family, row in per_family.items():
-            print(f"  {family:<9} q={row['q']:>5}  (b)/(a) {row['ratio_mple_loop']:5.2f}   first layer "
+            measured = f"{row['ratio_mple_loop']:5.2f}" if "ratio_mple_loop" in row else "  -  "
+            print(f"  {family:<9} q={row['q']:>5}  (b)/(a) {measured}   first layer "
                   f"{row['augconv_macs'] / 1e6:8.2f} M against {row['conv_macs'] / 1e6:.2f} M "
                   f"({row['first_layer_ratio']:.1f}x)   step {row['step_macs_ratio']:.2f}x")
     if args.out:

@@ -1,6 +1,6 @@
 """Where a run's time goes, for benchmarks.simulation: with MPLE_PROFILE=FILE in the environment (Ray's workers
 and SuperNodes' ClientApps inherit it), the server and every holder process append one JSON line per timed phase
-to FILE: `{"side": "server"|"holder", "phase": NAME, "s": SECONDS, "pid": PID}`. Without it, `timed` costs one
+to FILE: `{"side": "server"|"holder", "phase": NAME, "s": SECONDS, "pid": PID, "t": WHEN IT ENDED}`. Without it, `timed` costs one
 dictionary lookup. Phase names only, never a value of the run: nothing here can carry a secret."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def timed(side: str, phase: str):
     try:
         yield
     finally:
-        line = json.dumps({"side": side, "phase": phase, "s": time.perf_counter() - started, "pid": os.getpid()})
+        line = json.dumps({"side": side, "phase": phase, "s": time.perf_counter() - started, "pid": os.getpid(),
+                           "t": time.time()})
         with open(path, "a") as handle:  # one short write per line: lines of concurrent processes do not interleave
             handle.write(line + "\n")
 
