@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from clients.floor import SecurityFloor
 from clients.keys import FAMILIES, HolderKey, MorphingKeyError
@@ -189,3 +190,47 @@ def test_the_floor_checks_the_keys_own_q_and_counts_pixels_mixed_per_row():
     with pytest.raises(UsageError, match="scaled permutations"):
         SecurityFloor(("repeated",), 4).check_key(HolderKey("repeated", 3 * np.eye(4)[None, ::-1], (1, 2, 2), 0,
                                                             "uniform"))
+
+
+def test_the_condition_number_of_large_blocks_from_eigenvalues_is_the_svds():
+    from clients.keys import LARGE_BLOCK, condition_number
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(LARGE_BLOCK, LARGE_BLOCK)) + 4 * np.eye(LARGE_BLOCK)
+    assert condition_number(block) == pytest.approx(np.linalg.cond(block), rel=1e-6)
+    scaled = np.diag(np.linspace(1.0, 250.0, LARGE_BLOCK))
+    assert condition_number(scaled) == pytest.approx(250.0, rel=1e-9)
+    singular = scaled.copy()
+    singular[:, 0] = 0
+    assert condition_number(singular) == float("inf")
+
+
+@pytest.mark.parametrize("shape, blocks, refusal", [
+    ((1, 4, 4), np.ones((4, 4, 3)), "must be square"),
+    ((1, 4, 4), np.eye(4)[None].repeat(3, 0), "needs 4 stored blocks, got 3"),
+    ((1, 4, 4), np.eye(4), "must be square"),
+])
+def test_a_key_of_blocks_that_do_not_fit_is_refused(shape, blocks, refusal):
+    with pytest.raises(MorphingKeyError, match=refusal):
+        HolderKey("blocks", blocks, shape, 0, "uniform")
+
+
+@pytest.mark.parametrize("shape, block_size", [((1, 0, 4), None), ((1, 4.5, 4), None), ((1, 4), None),
+                                               ((1, 4, 4), True), ((1, 4, 4), 3), ((1, 4, 4), 0)])
+def test_image_shapes_and_block_sizes_that_make_no_key_are_refused(shape, block_size):
+    with pytest.raises(MorphingKeyError, match="image_shape must be|block size q"):
+        HolderKey.generate(shape, family="blocks", block_size=block_size, seed=0)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_augconv_reads_a_convolutions_padding_given_by_name(padding):
+    from clients.augconv import AugConv
+    from clients.morphing import morph
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 3, (3, 5), padding=padding).double()
+    key = HolderKey.generate((1, 6, 6), family="repeated", seed=2)
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    augconv = AugConv.from_conv(conv, key, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(augconv(morph(x, key)), conv(x), atol=1e-9)
