@@ -7,6 +7,7 @@ longer listed (the SuperLink would list a dead node until its heartbeats run out
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
@@ -56,7 +57,7 @@ class AuditGrid(Grid):
 
     def get_node_ids(self) -> list[int]:
         nodes = [node for node in self._grid.get_node_ids() if node not in self.superseded]
-        return sorted(nodes, key=lambda node: (self.holder_of.get(node, len(nodes) + 1), node))
+        return sorted(nodes, key=lambda node: (self.holder_of.get(node, math.inf), node))  # newcomers last
 
     def unidentified(self) -> list[int]:
         """Connected nodes that have not yet said which holder they are (new, or a holder's restarted node)."""

@@ -135,6 +135,9 @@ def test_nodes_are_listed_in_holder_order_whatever_their_ids_newcomers_last():
     assert audit.get_node_ids() == [5000, 1000]
     grid.nodes = [10, 1000, 5000]
     assert audit.get_node_ids() == [5000, 1000, 10] and audit.unidentified() == [10]
+    identified(audit, 2000, 3)  # holder 2's node is gone: holder ids reach past the number of nodes listed
+    grid.nodes = [10, 1000, 2000]
+    assert audit.get_node_ids() == [1000, 2000, 10]
 
 
 def test_a_node_that_claims_its_holder_back_replaces_the_newer_one():

@@ -156,11 +156,11 @@ def test_a_provision_reads_back_what_it_handed_out_and_says_where_secrets_came_f
 
 def test_a_holders_key_is_drawn_with_the_settings_asked_for_from_its_own_secret():
     first, second = HolderSecrets.from_holder_seed(5, 0), HolderSecrets.from_holder_seed(5, 1)
-    key = draw_key(first, (1, 6, 6), family="blocks", block_size=8, entries="integer", padding=1)
-    assert (key.family, key.block_size, key.entries, key.padding, key.image_shape) == ("blocks", 8, "integer", 1,
+    key = draw_key(first, (1, 6, 6), family="blocks", block_size=4, entries="integer", padding=1)
+    assert (key.family, key.block_size, key.entries, key.padding, key.image_shape) == ("blocks", 4, "integer", 1,
                                                                                       (1, 6, 6))
-    again = draw_key(first, (1, 6, 6), family="blocks", block_size=8, entries="integer", padding=1)
-    other = draw_key(second, (1, 6, 6), family="blocks", block_size=8, entries="integer", padding=1)
+    again = draw_key(first, (1, 6, 6), family="blocks", block_size=4, entries="integer", padding=1)
+    other = draw_key(second, (1, 6, 6), family="blocks", block_size=4, entries="integer", padding=1)
     assert again == key and other != key
     assert first.seed("key") != first.seed("order") != first.seed("batches", 1) != first.seed("batches", 2)
     seeds = [HolderSecrets.from_holder_seed(5, holder).seed("key") for holder in range(200)]
@@ -234,3 +234,9 @@ def test_augconv_reads_a_convolutions_padding_given_by_name(padding):
     augconv = AugConv.from_conv(conv, key, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(augconv(morph(x, key)), conv(x), atol=1e-9)
+
+
+def test_the_floor_counts_a_dense_keys_q_as_every_pixel():
+    SecurityFloor(("dense",), 64).check_request("dense", None, (1, 8, 8), 0)  # q = N = 64, not the width
+    with pytest.raises(UsageError, match="q = 8"):
+        SecurityFloor(("blocks",), 64).check_request("blocks", None, (1, 8, 8), 0)
