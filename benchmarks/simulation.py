@@ -342,7 +342,7 @@ def main(argv=None) -> int:
     mple_compute_ms = 1000 * sum(mple["compute_s"]) / messages
     # Holder phases run in `workers` actors at once, so each costs the round 1/workers of its time.
     wall = {key: value / (workers if key.startswith("holder") else 1) for key, value in parts.items()}
-    wall["holder: compute beyond (b)'s (evaluations a cache miss repeats)"] = (engine_compute_ms
+    wall["holder: compute slower than in (b) (the driver and Ray's processes share the cores)"] = (engine_compute_ms
                                                                               - mple_compute_ms) / workers
     remainder_ms = overhead_ms - sum(wall.values())
     figures = {

@@ -240,3 +240,10 @@ def test_the_floor_counts_a_dense_keys_q_as_every_pixel():
     SecurityFloor(("dense",), 64).check_request("dense", None, (1, 8, 8), 0)  # q = N = 64, not the width
     with pytest.raises(UsageError, match="q = 8"):
         SecurityFloor(("blocks",), 64).check_request("blocks", None, (1, 8, 8), 0)
+
+
+def test_a_key_of_one_pixel_blocks_is_a_key_and_only_the_floor_refuses_it():
+    scalar = HolderKey.generate((1, 4, 4), family="blocks", block_size=1, seed=0)
+    assert scalar.block_size == 1 and scalar.num_blocks == 16
+    with pytest.raises(UsageError, match="q = 1"):
+        SecurityFloor(("blocks",), 2).check_key(scalar)

@@ -4,6 +4,8 @@ knows)."""
 
 from __future__ import annotations
 
+import stat
+
 import hypothesis.strategies as st
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -114,6 +116,7 @@ def test_augconv_files_round_trip_exactly_and_carry_their_holders_tag(tmp_path_f
     path = tmp_path_factory.mktemp("augconv") / "augconv.pt"
     owner, stranger = HolderSecrets.from_holder_seed(seed, 0), HolderSecrets.from_holder_seed(seed, 1)
     augconv.save(path, auth_key=owner.file_key)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # owner-only from the moment it exists
     loaded = AugConv.load(path, auth_key=owner.file_key)
     assert loaded is not None and repr(loaded) == repr(augconv)
     saved, read = dict(augconv.named_buffers()), dict(loaded.named_buffers())
