@@ -214,6 +214,7 @@ def ray_head(tmp_path):
     assert head.poll() is not None
 
 
+@pytest.mark.heavy  # 33 s: over the default run's 10 minutes on 2 cores
 def test_a_run_joins_an_existing_ray_cluster(tmp_path, ray_head):
     address, temp_dir = ray_head
     out = tmp_path / "run"
