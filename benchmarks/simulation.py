@@ -257,7 +257,7 @@ def in_rounds(profile: list[dict]) -> list[dict]:
     return [line for line in profile if line["t"] - line["s"] >= start and line["t"] <= end]
 
 
-def breakdown(profile: list[dict], config, messages: int) -> dict[str, float]:
+def breakdown(profile: list[dict], messages: int) -> dict[str, float]:
     """Milliseconds per holder-message of each phase during the rounds (round 1 included, where the holders are
     set up: that is where set-up and cache cost)."""
     per_phase: dict[str, float] = {}
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     a, b, c = (statistics.mean(run["round_s"][steady]) for run in (plain, mple, engine))
     # Over all rounds, round 1's set-up included, as the profile covers them all.
     overhead_ms = 1000 * (sum(engine["round_s"]) - sum(mple["round_s"])) / messages
-    parts = breakdown(engine["profile"], config, messages)
+    parts = breakdown(engine["profile"], messages)
     engine_compute_ms = parts.pop("holder: compute", 0.0)
     holder_total = parts.pop("holder: train message", 0.0) + parts.pop("holder: evaluate message", 0.0)
     mple_compute_ms = 1000 * sum(mple["compute_s"]) / messages

@@ -235,12 +235,8 @@ def _clip_if_client_dp(message: Message, context: Context, call_next):
     return fixedclipping_mod(message, context, with_extras)
 
 
+@timed("holder", "train message")
 def train(message: Message, context: Context, side: HolderSide) -> Message:
-    with timed("holder", "train message"):
-        return _train(message, context, side)
-
-
-def _train(message: Message, context: Context, side: HolderSide) -> Message:
     job = HolderJob(message, context, side)
     job.fail_if_injected("train")
     holder, settings, config = job.holder, job.settings, message.content[CONFIG]
@@ -278,12 +274,8 @@ def _train(message: Message, context: Context, side: HolderSide) -> Message:
         return _reply(message, job.reply_arrays(), metrics, job.holder_id)
 
 
+@timed("holder", "evaluate message")
 def evaluate_holder(message: Message, context: Context, side: HolderSide) -> Message:
-    with timed("holder", "evaluate message"):
-        return _evaluate_holder(message, context, side)
-
-
-def _evaluate_holder(message: Message, context: Context, side: HolderSide) -> Message:
     job = HolderJob(message, context, side)
     job.fail_if_injected("evaluate")
     split = str(message.content[CONFIG].get(SPLIT, "test"))

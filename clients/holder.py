@@ -223,11 +223,13 @@ class Holder:
         """(loss, accuracy) of the model after round `model_round` on the holder's test split, where this holder
         evaluated it already, in this process or another: Ray does not send a holder's messages to one worker, so
         the result is kept in the holder's folder too."""
-        for known in (self._test_evaluation, self._read_test_evaluation()):
-            if known is not None and known[0] == model_round:
-                self._test_evaluation = known
-                return known[1], known[2]
-        return None
+        known = self._test_evaluation
+        if known is None or known[0] != model_round:  # the folder is read only when this process's copy is stale
+            known = self._read_test_evaluation()
+        if known is None or known[0] != model_round:
+            return None
+        self._test_evaluation = known
+        return known[1], known[2]
 
     def remember_test_evaluation(self, model_round: int, loss: float, accuracy: float) -> None:
         self._test_evaluation = (model_round, loss, accuracy)

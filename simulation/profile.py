@@ -1,7 +1,7 @@
 """Where a run's time goes, for benchmarks.simulation: with MPLE_PROFILE=FILE in the environment (Ray's workers
 and SuperNodes' ClientApps inherit it), the server and every holder process append one JSON line per timed phase
 to FILE: `{"side": "server"|"holder", "phase": NAME, "s": SECONDS, "pid": PID, "t": WHEN IT ENDED}`. Without it, `timed` costs one
-dictionary lookup. Phase names only, never a value of the run: nothing here can carry a secret."""
+dictionary lookup. `timed(side, phase)` is a context manager or a function decorator. Phase names only, never a value of the run: nothing here can carry a secret."""
 
 from __future__ import annotations
 
