@@ -41,7 +41,7 @@ from simulation.protocol import (
 from simulation.seeds import derive_seed
 
 PROGRESS_EVERY_S = 10.0
-PULL_INTERVAL_S = 0.05
+PULL_INTERVAL_S = 0.02
 
 
 class RoundLoop:

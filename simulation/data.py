@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import http.client
 import importlib.metadata
+import importlib.util
 import io
 import logging
 import math
@@ -696,14 +698,28 @@ def _unpickle(path: Path) -> dict:
     return {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
 
 
+@functools.lru_cache(maxsize=1)
+def _medmnist_info() -> dict:
+    """The medmnist package's metadata (`medmnist.INFO`), read from its `info` module alone: `import medmnist` also
+    imports its evaluator and through it scikit-learn's metrics, 2 s of every holder process's first message. The
+    module creates ~/.medmnist, the package's default root."""
+    spec = importlib.util.find_spec("medmnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the medmnist package is not installed; pip install medmnist (it describes the MedMNIST sets)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "info.py"
+    module_spec = importlib.util.spec_from_file_location("_mple_medmnist_info", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.INFO
+
+
 def _load_medmnist(argument: str, data_dir: Path, download: bool):
     """A 2D MedMNIST set at one of its sizes, as the medmnist package's metadata describes it."""
-    import medmnist  # only its metadata (INFO) is used; importing it creates ~/.medmnist, its default root
-
     name, _, size_text = argument.strip().lower().partition("@")
-    single_label = {key: info for key, info in medmnist.INFO.items()
+    medmnist_info = _medmnist_info()
+    single_label = {key: info for key, info in medmnist_info.items()
                     if not info["python_class"].endswith("3D") and "multi-label" not in info["task"]}
-    info = medmnist.INFO.get(name)
+    info = medmnist_info.get(name)
     if info is not None and "multi-label" in info["task"]:
         raise DataError(
             f"medmnist:{name} is {info['task']} ({len(info['label'])} findings, several per image), and training here "

@@ -1,6 +1,7 @@
 """Tests for the data layer: loaders on real files, statistics, partitions, augmentation, errors."""
 
 import pickle
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 from simulation import data
 from simulation.data import (
     DataError,
+    _medmnist_info,
     augment,
     class_counts,
     load_dataset,
@@ -119,12 +121,12 @@ def test_medmnist_reads_local_file_with_class_names(shared_data):
 
 @pytest.fixture
 def medmnist_info(monkeypatch):
-    """The medmnist package's metadata, any change to it undone after the test."""
-    import medmnist
+    """The medmnist package's metadata as the loader reads it, any change to it undone after the test."""
+    info = _medmnist_info()
 
     def entry(name: str) -> dict:
-        monkeypatch.setitem(medmnist.INFO, name, dict(medmnist.INFO[name]))
-        return medmnist.INFO[name]
+        monkeypatch.setitem(info, name, dict(info[name]))
+        return info[name]
 
     return entry
 
@@ -169,6 +171,21 @@ def test_medmnist_failed_download_names_url_and_target(tmp_path, medmnist_info):
         lambda: load_dataset("medmnist:octmnist", data_dir=tmp_path, download=True), tmp_path / "octmnist.npz", "nowhere"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_medmnist_metadata_is_the_packages_read_without_importing_the_package(monkeypatch):
+    import medmnist
+
+    assert _medmnist_info() == medmnist.INFO
+    # `import medmnist` also imports scikit-learn (2 s of each holder process's first message): the loader does not.
+    for name in [name for name in sys.modules if name == "medmnist" or name.startswith("medmnist.")]:
+        monkeypatch.delitem(sys.modules, name)
+    _medmnist_info.cache_clear()
+    try:
+        assert _medmnist_info()["pneumoniamnist"]["label"] == {"0": "normal", "1": "pneumonia"}
+        assert not [name for name in sys.modules if name.startswith("medmnist")]
+    finally:
+        _medmnist_info.cache_clear()
 
 
 def test_every_single_label_2d_medmnist_set_and_size_is_known_from_the_package():
