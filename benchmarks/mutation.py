@@ -8,9 +8,12 @@ and runs the tests that cover the changed function; a mutant the tests pass is a
 notice. The run happens in a temporary copy of the repository, so the working tree is never touched. It prints the
 counts per module and the survivors, and writes them to --out/mutation.json.
 
-The modules are the math core and what decides what crosses: keys, morphing, AugConv, secrets, the holder's floor
-and the audit. The ClientApp and Holder are left out: the tests that cover them run a federation (seconds each),
-which would make a run take hours on 2 cores; they are covered by the end-to-end tests instead.
+Two runs, each with its own tests (`--run`):
+- `core`: the math core and what decides what crosses (keys, morphing, AugConv, secrets, the holder's floor and the
+  audit), against their unit and property tests;
+- `holder`: the holder and its ClientApp (the holder, the ClientApp, DP accounting), against in-process federations
+  (the real apps and strategies through a grid in this process, about a second each) and the unit tests that reach
+  them. The Ray engine's tests are left out: 15 s or more per mutant, days on 2 cores.
 """
 
 from __future__ import annotations
@@ -28,10 +31,36 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MUTATED = ["clients/keys.py", "clients/morphing.py", "clients/augconv.py", "clients/secrets.py", "clients/floor.py",
-           "server/audit.py"]
-TESTS = ["tests/test_keys.py", "tests/test_morphing.py", "tests/test_augconv.py", "tests/test_properties.py",
-         "tests/test_secrets.py", "tests/test_audit.py", "tests/test_file_checks.py"]
+CORE = ["clients/keys.py", "clients/morphing.py", "clients/augconv.py", "clients/secrets.py", "clients/floor.py",
+        "server/audit.py"]
+CORE_TESTS = ["tests/test_keys.py", "tests/test_morphing.py", "tests/test_augconv.py", "tests/test_properties.py",
+              "tests/test_secrets.py", "tests/test_audit.py", "tests/test_file_checks.py"]
+HOLDER = ["clients/holder.py", "clients/client_app.py", "clients/privacy.py"]
+HOLDER_TESTS = [
+    "tests/test_holder.py", "tests/test_audit.py", "tests/test_secrets.py",
+    "tests/test_dp.py::test_every_model_trains_a_dp_step_behind_a_frozen_augconv[cnn]",
+    "tests/test_dp.py::test_a_round_trained_again_replaces_its_entry",
+    "tests/test_dp.py::test_holder_dp_defaults_and_a_delta_too_large_for_the_holders",
+    "tests/test_dp.py::test_per_sample_clipping_bounds_each_examples_contribution",
+    "tests/test_dp.py::test_fedprox_proximal_gradient_is_added_after_the_noise",
+    "tests/test_dp.py::test_epsilon_is_reported_per_holder_grows_with_rounds_and_equals_opacus_accountant",
+    "tests/test_simulation.py::test_each_holder_builds_its_key_and_augconv_once",
+    "tests/test_simulation.py::test_holder_local_layers_never_reach_the_server",
+    "tests/test_simulation.py::test_no_message_carries_a_key_or_an_augconv",
+    "tests/test_simulation.py::test_failed_holders_are_counted_and_the_round_goes_on",
+    "tests/test_simulation.py::test_mple_matches_its_baseline_for_every_key_family[repeated]",
+    "tests/test_simulation.py::test_fedprox_holders_apply_the_proximal_term",
+    "tests/test_simulation.py::test_holder_shuffle_gives_each_holder_its_own_order_and_training_still_works",
+    "tests/test_simulation.py::test_differential_privacy_clips_backbone_updates[client]",
+    "tests/test_reliability.py::test_holders_are_created_only_when_sampled",
+    "tests/test_reliability.py::test_holders_index_one_dataset_per_process_and_the_cache_is_bounded",
+    "tests/test_reliability.py::test_evaluation_uses_the_local_layers_each_holder_trained_this_round",
+    "tests/test_reliability.py::test_holders_without_test_images_do_not_stop_the_run",
+    "tests/test_partitions.py::test_each_site_scores_the_final_model_on_its_own_test_images",
+    "tests/test_deployment.py::test_holders_use_the_folder_and_data_their_node_config_names",
+    "tests/test_deployment.py::test_a_holder_file_of_another_shape_or_more_classes_is_refused",
+]
+RUNS = {"core": (CORE, CORE_TESTS), "holder": (HOLDER, HOLDER_TESTS)}
 STATUS = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[\w ]+)$")
 
 
@@ -45,12 +74,12 @@ def copy_repository(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def configure(target: Path, max_children: int, modules: list[str]) -> None:
+def configure(target: Path, max_children: int, modules: list[str], tests: list[str]) -> None:
     (target / "setup.cfg").write_text(
         "[mutmut]\n"
         "source_paths =\n" + "".join(f"    {path}\n" for path in modules)
         + "also_copy =\n    simulation/\n    server/\n    strategies/\n    clients/\n    configs/\n    tests/\n"
-        + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {path}\n" for path in TESTS)
+        + "pytest_add_cli_args_test_selection =\n" + "".join(f"    {path}\n" for path in tests)
         + "pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n"
         + f"max_children = {max_children}\n"
     )
@@ -263,8 +292,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/mutation"))
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
-    parser.add_argument("--modules", nargs="+", choices=MUTATED, default=MUTATED, metavar="FILE",
-                        help="the files to mutate (default: all of " + ", ".join(MUTATED) + ")")
+    parser.add_argument("--run", choices=sorted(RUNS), default="core",
+                        help="core: " + ", ".join(CORE) + "; holder: " + ", ".join(HOLDER) + " (default core)")
+    parser.add_argument("--modules", nargs="+", choices=CORE + HOLDER, metavar="FILE",
+                        help="mutate only these of the run's files (default: all of them)")
     parser.add_argument("--work", type=Path, default=None,
                         help="keep mutmut's working copy in this folder, so a stopped run resumes where it stopped "
                              "(default: a temporary folder, removed at the end)")
@@ -273,6 +304,11 @@ def main(argv=None) -> int:
                              "earlier run, against new tests)")
     parser.add_argument("--report-only", action="store_true", help="with --work: report what mutmut has, run nothing")
     args = parser.parse_args(argv)
+    modules, tests = RUNS[args.run]
+    if args.modules:
+        if not set(args.modules) <= set(modules):
+            parser.error(f"--modules of the {args.run} run are among: " + ", ".join(modules))
+        modules = args.modules
     if shutil.which("mutmut") is None and not Path(sys.executable).with_name("mutmut").exists():
         print("error: mutmut is not installed; pip install mutmut", file=sys.stderr)
         return 2
@@ -284,7 +320,7 @@ def main(argv=None) -> int:
         if not (work / "setup.cfg").exists():
             work.mkdir(parents=True, exist_ok=True)
             copy_repository(work)
-            configure(work, args.max_children, args.modules)
+            configure(work, args.max_children, modules, tests)
         names = args.only.read_text().split() if args.only else []
         if not args.report_only:
             subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *names], cwd=work, text=True)
@@ -315,7 +351,8 @@ def main(argv=None) -> int:
     figures = {"mutants": len(statuses), "killed": killed, "survived": len(survivors),
                "other": len(statuses) - killed - len(survivors), "per_module": per_module,
                "survivor_groups": groups, "survivors": survivors,
-               "seconds": round(time.monotonic() - started, 1), "modules": args.modules, "tests": TESTS}
+               "seconds": round(time.monotonic() - started, 1), "run": args.run,
+               "modules": modules, "tests": tests}
     print(f"{len(statuses)} mutants: {killed} killed, {len(survivors)} survived, {figures['other']} other "
           f"(no tests: functions no test calls) in {figures['seconds']:.0f} s")
     for module, counts in sorted(per_module.items()):

@@ -1,0 +1,372 @@
+"""The holder and its ClientApp one piece at a time, without a federation: its folder, key, batches, kept
+evaluation and local state, the ClientApp's helpers and the DP ledger. Fast enough to run per mutant in
+`python -m benchmarks.mutation --run holder`."""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from torch import nn
+
+from clients import client_app
+from clients.client_app import HolderSide, InjectedFailure, _finite, _reply, holder_folder, query, settings_of
+from clients.floor import SecurityFloor
+from clients.holder import (
+    KEY_FILE,
+    Holder,
+    HolderCache,
+    _permuted_frozen,
+    conv_fingerprint,
+    holder_folder_name,
+    holder_home,
+    holder_key,
+    key_padding,
+)
+from clients.morphing import morph
+from clients.privacy import DPPlan, PrivacyLedger, check_delta, dp_plan
+from clients.secrets import HolderSecrets
+from server.first_layer import initial_model
+from simulation.config import build_config
+from simulation.errors import UsageError
+from simulation.placement import placement_for
+from simulation.protocol import ACTION, CONFIG, HOLDER_ID, HOLDER_INFO, METRICS, SETTINGS, HolderSettings
+from simulation.run_folder import HOLDERS_FOLDER
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    config = build_config({"holders": 4, "batch_size": 16})
+    placement = placement_for(config)
+    return config, placement, initial_model(config, placement).first
+
+
+def make_holder(experiment, home, holder_id=0, variant="mple", seed=0, **changes):
+    config, _, first = experiment
+    settings = HolderSettings.from_config(config, variant)
+    if changes:
+        settings = HolderSettings(**{**settings.__dict__, **changes})
+    return Holder(holder_id, settings, home, HolderSecrets.from_holder_seed(seed, holder_id), first, CPU)
+
+
+# ---------------------------------------------------------------- folders, fingerprints, key padding
+def test_holder_folders_are_named_by_id_inside_the_run_folder(tmp_path):
+    assert holder_folder_name(7) == "holder-0007" and holder_folder_name(12345) == "holder-12345"
+    assert holder_home(tmp_path, 3) == tmp_path / HOLDERS_FOLDER / "holder-0003"
+
+
+def test_a_first_layers_fingerprint_changes_with_each_of_its_weights_bias_kernel_and_padding():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, padding=1)
+    base = conv_fingerprint(conv)
+    assert len(base) == 16 and base == conv_fingerprint(conv)
+    variants = []
+    for change in ("weight", "bias", "padding", "no bias"):
+        other = nn.Conv2d(1, 4, 3, padding=1, bias=change != "no bias")
+        other.load_state_dict({name: value for name, value in conv.state_dict().items()
+                               if change != "no bias" or name == "weight"})
+        with torch.no_grad():
+            if change == "weight":
+                other.weight[0, 0, 0, 0] += 1e-6
+            if change == "bias":
+                other.bias[3] += 1e-6
+        if change == "padding":
+            other.padding = (0, 0)
+        variants.append(conv_fingerprint(other))
+    assert len({base, *variants}) == 5
+
+
+def test_key_padding_follows_the_first_layer_or_none():
+    assert key_padding("none", nn.Conv2d(1, 2, 3, padding=1)) == 0
+    assert key_padding("conv", nn.Conv2d(1, 2, 5, padding=2)) == 2
+    assert key_padding("conv", nn.Conv2d(1, 2, 3)) == 0
+    for conv in (nn.Conv2d(1, 2, 3, padding=(1, 0)), nn.Conv2d(1, 2, 3, padding="same")):
+        with pytest.raises(UsageError, match="equal padding on both axes"):
+            key_padding("conv", conv)
+
+
+# ---------------------------------------------------------------- the key in the holder's folder
+def test_a_holders_key_is_drawn_once_saved_owner_only_and_read_back(experiment, tmp_path):
+    config, placement, _ = experiment
+    settings = HolderSettings.from_config(config, "mple")
+    secrets = HolderSecrets.from_holder_seed(0, 1)
+    shape = placement.dataset.image_shape
+    tmp_path.chmod(0o700)
+    drawn = holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
+    path = tmp_path / KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    written = path.read_bytes()
+    again = holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
+    assert path.read_bytes() == written and again.fingerprint == drawn.fingerprint
+    assert np.array_equal(again.blocks(), drawn.blocks())
+    (tmp_path / "other").mkdir()
+    other = holder_key(settings, HolderSecrets.from_holder_seed(0, 2), tmp_path / "other", shape, 0, SecurityFloor())
+    assert other.fingerprint != drawn.fingerprint
+
+
+@pytest.mark.parametrize("change", ["family", "entries", "padding", "block size"])
+def test_a_kept_key_made_for_other_settings_is_refused_naming_the_folder(experiment, tmp_path, change):
+    config, placement, _ = experiment
+    settings = HolderSettings.from_config(config, "mple")
+    secrets = HolderSecrets.from_holder_seed(0, 1)
+    shape = placement.dataset.image_shape
+    holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
+    padding = 0
+    if change == "family":
+        settings = HolderSettings(**{**settings.__dict__, "key_family": "blocks"})
+    elif change == "entries":
+        settings = HolderSettings(**{**settings.__dict__, "key_entries": "integer"})
+    elif change == "padding":
+        padding = 1
+    else:
+        settings = HolderSettings(**{**settings.__dict__, "block_size": 4})
+    with pytest.raises(UsageError, match=f"holder folder {tmp_path} holds a .* that does not match"):
+        holder_key(settings, secrets, tmp_path, shape, padding, SecurityFloor())
+
+
+def test_a_kept_key_below_the_holders_floor_is_refused_even_if_it_matches(experiment, tmp_path):
+    config, placement, _ = experiment
+    settings = HolderSettings(**{**HolderSettings.from_config(config, "mple").__dict__, "block_size": 2})
+    secrets = HolderSecrets.from_holder_seed(0, 1)
+    shape = placement.dataset.image_shape
+    holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=2))
+    with pytest.raises(UsageError, match="floor"):
+        holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=4))
+
+
+# ---------------------------------------------------------------- what a holder hands the training code
+def test_batches_are_the_holders_images_morphed_with_its_key_and_the_baseline_sees_them_plain(experiment, tmp_path):
+    mple = make_holder(experiment, tmp_path / "a")
+    baseline = make_holder(experiment, tmp_path / "b", variant="baseline")
+    assert mple.key is not None and baseline.key is None and baseline.fingerprint is None
+    assert mple.fingerprint == mple.key.fingerprint
+    morphed = list(mple.batches("train")())
+    plain = list(baseline.batches("train")())
+    assert sum(len(labels) for _, labels in plain) == mple.num_examples("train") == len(mple._indices["train"])
+    for (m_images, m_labels), (p_images, p_labels) in zip(morphed, plain, strict=True):
+        assert torch.equal(m_labels, p_labels) and len(p_labels) <= 16
+        assert torch.allclose(m_images, morph(p_images, mple.key), atol=1e-5)
+        assert not torch.allclose(m_images, p_images)
+    # The AugConv on morphed images gives the plain layer's features, in the holder's channel order.
+    features = mple.first(morphed[0][0])
+    assert torch.allclose(features, baseline.first(plain[0][0]), atol=1e-4)
+    with pytest.raises(ValueError, match="split must be one of"):
+        mple.batches("validation")
+
+
+def test_a_shuffle_seed_draws_the_order_and_the_same_seed_the_same_order(experiment, tmp_path):
+    holder = make_holder(experiment, tmp_path)
+    labels = lambda seed: torch.cat([y for _, y in holder.batches("train", shuffle_seed=seed)()])  # noqa: E731
+    ordered = torch.cat([y for _, y in holder.batches("train")()])
+    assert torch.equal(labels(3), labels(3)) and not torch.equal(labels(3), labels(4))
+    assert not torch.equal(labels(3), ordered) and torch.equal(labels(3).sort().values, ordered.sort().values)
+
+
+def test_the_baseline_first_layer_is_the_plain_one_in_the_holders_channel_order_and_frozen(experiment):
+    _, _, first = experiment
+    order = torch.tensor([2, 0, 1] + list(range(3, first.out_channels)))
+    frozen = _permuted_frozen(first, order)
+    assert torch.equal(frozen.weight, first.weight[order]) and torch.equal(frozen.bias, first.bias[order])
+    assert not frozen.weight.requires_grad and not frozen.bias.requires_grad
+    assert first.weight.requires_grad and frozen is not first
+    no_bias = nn.Conv2d(1, 3, 3, bias=False)
+    assert _permuted_frozen(no_bias, torch.tensor([1, 2, 0])).bias is None
+
+
+def test_the_holders_seeds_are_its_secrets_and_differ_by_purpose(experiment, tmp_path):
+    holder = make_holder(experiment, tmp_path, seed=5)
+    assert holder.local_seed("batches", 2) == HolderSecrets.from_holder_seed(5, 0).seed("batches", 2)
+    assert len({holder.local_seed("batches", 2), holder.local_seed("batches", 3), holder.local_seed("dropout", 2)}) == 3
+
+
+def test_poisson_batches_take_each_image_with_the_sample_rate(experiment, tmp_path):
+    holder = make_holder(experiment, tmp_path)
+    train = holder.num_examples("train")
+    everything = list(holder.poisson_batches(1.0, 3, seed=0)())
+    assert len(everything) == 3 and all(len(labels) == train for _, labels in everything)
+    nothing = list(holder.poisson_batches(0.0, 2, seed=0)())
+    assert len(nothing) == 2 and all(images.numel() == 0 and labels.dtype == torch.long for images, labels in nothing)
+    sizes = [len(labels) for _, labels in holder.poisson_batches(0.5, 40, seed=1)()]
+    assert abs(np.mean(sizes) - 0.5 * train) < 4 * math.sqrt(0.25 * train / 40) and len(set(sizes)) > 1
+    first = [labels for _, labels in holder.poisson_batches(0.5, 3, seed=2)()]
+    second = [labels for _, labels in holder.poisson_batches(0.5, 3, seed=2)()]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+# ---------------------------------------------------------------- what a holder keeps in its folder
+def test_a_test_evaluation_is_kept_for_its_model_round_and_read_by_another_process(experiment, tmp_path):
+    holder = make_holder(experiment, tmp_path)
+    assert holder.test_evaluation_of(0) is None
+    holder.remember_test_evaluation(2, 0.25, 0.75)
+    path = tmp_path / "test-evaluation-mple.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"round": 2, "loss": 0.25, "accuracy": 0.75}
+    assert holder.test_evaluation_of(2) == (0.25, 0.75) and holder.test_evaluation_of(1) is None
+    other = make_holder(experiment, tmp_path)  # another worker's copy of the same holder
+    assert other.test_evaluation_of(2) == (0.25, 0.75) and other.test_evaluation_of(3) is None
+    holder.remember_test_evaluation(3, 0.5, 0.5)
+    assert other.test_evaluation_of(3) == (0.5, 0.5)  # its own copy was stale: it reads the folder
+    assert make_holder(experiment, tmp_path, variant="baseline").test_evaluation_of(3) is None
+    for damage in ("{not json", '{"round": 3}', '{"round": "x", "loss": 1, "accuracy": 1}'):
+        path.write_text(damage)
+        assert make_holder(experiment, tmp_path).test_evaluation_of(3) is None
+
+
+def test_local_state_keeps_the_last_two_rounds_and_loads_the_latest_before_a_round(experiment, tmp_path):
+    holder = make_holder(experiment, tmp_path)
+    assert holder.load_local_state(5) is None
+    for server_round in (1, 2, 3):
+        holder.save_local_state(server_round, {"w": torch.full((2,), float(server_round), requires_grad=True)})
+    kept = sorted(path.name for path in tmp_path.glob("local-*"))
+    assert kept == ["local-mple-r00002.pt", "local-mple-r00003.pt"]
+    assert all(stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600 for name in kept)
+    assert holder.load_local_state(3)["w"].tolist() == [2.0, 2.0]
+    assert holder.load_local_state(4)["w"].tolist() == [3.0, 3.0]
+    assert holder.load_local_state(99)["w"].tolist() == [3.0, 3.0]
+    assert holder.load_local_state(2) is None
+    assert make_holder(experiment, tmp_path, variant="baseline").load_local_state(9) is None
+    holder.save_local_state(10, {"w": torch.zeros(1)})
+    assert [p.name for p in sorted(tmp_path.glob("local-*"))] == ["local-mple-r00010.pt"]
+
+
+def test_the_holder_cache_keeps_the_most_recently_used(experiment):
+    created = []
+    cache = HolderCache(2)
+    for name in ("a", "b", "a", "c", "a", "b"):
+        assert cache.get(name, lambda: created.append(name) or name.upper()) == name.upper()
+    assert created == ["a", "b", "c", "b"] and len(cache) == 2
+    assert HolderCache(1).get("x", lambda: 1) == 1
+
+
+def test_an_augconv_is_built_once_and_read_back_from_the_holders_folder(experiment, tmp_path, monkeypatch):
+    first = make_holder(experiment, tmp_path)
+    files = list(tmp_path.glob("augconv-*.pt"))
+    assert len(files) == 1 and first.first_layer_fingerprint in files[0].name and first.fingerprint in files[0].name
+    from clients import augconv
+
+    monkeypatch.setattr(augconv.AugConv, "from_conv", lambda *a, **k: pytest.fail("AugConv built again"))
+    again = make_holder(experiment, tmp_path)
+    sample = next(iter(first.batches("train")()))[0]
+    assert torch.equal(again.first(sample), first.first(sample))
+
+
+# ---------------------------------------------------------------- the ClientApp's pieces
+def message_with(config: dict, node_id: int = 5) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as the engine sets it for a ServerApp
+    return Message(content=RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=node_id, message_type="query")
+
+
+def test_settings_are_parsed_once_per_text_and_validated(experiment):
+    config, _, _ = experiment
+    text = HolderSettings.from_config(config, "mple").to_json()
+    parsed = settings_of(message_with({SETTINGS: text}))
+    assert parsed == HolderSettings.from_config(config, "mple")
+    assert settings_of(message_with({SETTINGS: text})) is parsed
+    with pytest.raises(UsageError, match="not JSON"):
+        settings_of(message_with({SETTINGS: "{"}))
+
+
+def test_a_holders_folder_is_chosen_on_its_side_only(tmp_path, monkeypatch):
+    def context(node_config):
+        return Context(run_id=42, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    side = HolderSide(holders_root=str(tmp_path / "root"))
+    assert holder_folder(context({"holder-dir": "~/mine"}), side, 3) == (tmp_path / "x").home() / "mine"
+    assert holder_folder(context({"holder-dir": ""}), side, 3) == tmp_path / "root" / "holder-0003"
+    assert holder_folder(context({}), HolderSide(), 3) == tmp_path / "flwr" / "mple-holders" / "run-42" / "holder-0003"
+
+
+def test_replies_carry_the_metrics_and_the_holder_and_arrays_only_when_given():
+    incoming = message_with({"x": 1})
+    reply = _reply(incoming, None, {"loss": 0.5}, 4)
+    assert set(reply.content) == {METRICS, HOLDER_INFO}
+    assert dict(reply.content[METRICS]) == {"loss": 0.5} and reply.content[HOLDER_INFO][HOLDER_ID] == 4
+    assert reply.metadata.reply_to_message_id == incoming.metadata.message_id
+    assert _finite(float("nan")) == 0.0 and _finite(0.25) == 0.25 and _finite(1) == 1.0
+    assert isinstance(_finite(1), float) and isinstance(MetricRecord({"a": _finite(1)})["a"], float)
+
+
+def test_identify_names_the_holder_and_an_unknown_query_is_refused():
+    context = Context(run_id=1, node_id=9, node_config={"partition-id": 6}, state=RecordDict(), run_config={})
+    reply = query(message_with({ACTION: "identify"}), context, HolderSide())
+    assert set(reply.content) == {HOLDER_INFO} and reply.content[HOLDER_INFO][HOLDER_ID] == 6
+    with pytest.raises(ValueError, match="unknown query action 'leak'"):
+        query(message_with({ACTION: "leak"}), context, HolderSide())
+
+
+def test_injected_failures_fire_for_the_listed_holders_at_the_listed_stage_only():
+    job = object.__new__(client_app.HolderJob)
+    job.side, job.holder_id = HolderSide(fail_holders=(2,), fail_stage="evaluate"), 2
+    job.fail_if_injected("train")
+    with pytest.raises(InjectedFailure, match="holder 2 failed on purpose during evaluate"):
+        job.fail_if_injected("evaluate")
+    job.holder_id = 3
+    job.fail_if_injected("evaluate")
+
+
+# ---------------------------------------------------------------- DP-SGD's plan and ledger
+def test_delta_must_be_below_one_over_the_holders_images():
+    check_delta(0.0099, 100)
+    with pytest.raises(UsageError, match=r"--dp-delta 0.01 is not below 1 / 100 .* use --dp-delta 0.001"):
+        check_delta(0.01, 100)
+
+
+def test_a_dp_plan_samples_batch_over_images_for_ceil_steps(experiment):
+    config, _, _ = experiment
+    settings = HolderSettings(**{**HolderSettings.from_config(config, "mple").__dict__, "batch_size": 16,
+                                 "dp_noise": 1.5, "dp_clip": 0.75, "dp_delta": 1e-5, "dp_epsilon": None})
+    plan = dp_plan(settings, 100)
+    assert plan == DPPlan(0.16, 7, 1.5, 0.75, 1e-5, 100) and plan.expected_batch_size == pytest.approx(16)
+    assert dp_plan(settings, 10).sample_rate == 1.0 and dp_plan(settings, 10).steps_per_epoch == 1
+    assert dp_plan(settings, 16).steps_per_epoch == 1 and dp_plan(settings, 17).steps_per_epoch == 2
+
+
+def test_the_ledger_accumulates_rounds_replaces_a_round_trained_again_and_refuses_damage(tmp_path):
+    path = tmp_path / "dp-mple.json"
+    assert PrivacyLedger(path).epsilon(1e-5) == 0.0 and PrivacyLedger(path).history == []
+    plan = DPPlan(0.1, 10, 1.0, 1.0, 1e-5, 100)
+    ledger = PrivacyLedger(path)
+    ledger.record(1, plan, 10)
+    one = ledger.epsilon(1e-5)
+    PrivacyLedger(path).record(2, plan, 10)  # another worker's copy of the same holder
+    ledger.record(3, DPPlan(0.2, 5, 2.0, 1.0, 1e-5, 100), 5)
+    assert ledger.history == [(1.0, 0.1, 10), (1.0, 0.1, 10), (2.0, 0.2, 5)]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["rounds"]["3"] == [2.0, 0.2, 5]
+    three = PrivacyLedger(path).epsilon(1e-5)
+    assert 0 < one < three
+    ledger.record(3, DPPlan(0.2, 5, 2.0, 1.0, 1e-5, 100), 5)
+    assert PrivacyLedger(path).epsilon(1e-5) == three and len(PrivacyLedger(path).history) == 3
+    record = json.loads(path.read_text())
+    for damage in ({**record, "version": 2}, {**record, "accountant": "prv"}, {**record, "rounds": {"1": [1, 0, 1]}},
+                   {**record, "rounds": {"1": [-1, 0.1, 1]}}, {**record, "rounds": {"1": [1, 1.5, 1]}},
+                   {**record, "rounds": {"1": [1, 0.1, -1]}}, {"version": 1}, [1]):
+        path.write_text(json.dumps(damage))
+        with pytest.raises(UsageError, match=f"the privacy accountant {path} cannot be read"):
+            PrivacyLedger(path)
+    path.write_text(json.dumps({**record, "rounds": {"1": [0, 1.0, 0]}}))
+    assert PrivacyLedger(path).history == [(0.0, 1.0, 0)]
+
+
+def test_a_target_epsilon_calibrates_the_noise_for_every_step_of_the_run(experiment):
+    from opacus.accountants import RDPAccountant
+
+    config, _, _ = experiment
+    base = {**HolderSettings.from_config(config, "mple").__dict__, "batch_size": 10, "dp_delta": 1e-4, "rounds": 2,
+            "local_epochs": 3, "dp_noise": 0.1}
+    plan = dp_plan(HolderSettings(**{**base, "dp_epsilon": 4.0}), 100)
+    assert plan.noise_multiplier > 0.1 and plan.steps_per_epoch == 10 and plan.sample_rate == 0.1
+    accountant = RDPAccountant()
+    accountant.history = [(plan.noise_multiplier, 0.1, 2 * 3 * 10)]
+    assert 3.9 < accountant.get_epsilon(delta=1e-4) <= 4.0  # spent over rounds x epochs x steps, at most the target
+    with pytest.raises(UsageError, match=r"--dp-epsilon 1e-06 is too small for 60 DP-SGD steps at sample rate 0.1"):
+        dp_plan(HolderSettings(**{**base, "dp_epsilon": 1e-6}), 100)
