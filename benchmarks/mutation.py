@@ -59,6 +59,7 @@ HOLDER_TESTS = [
     "tests/test_partitions.py::test_each_site_scores_the_final_model_on_its_own_test_images",
     "tests/test_deployment.py::test_holders_use_the_folder_and_data_their_node_config_names",
     "tests/test_deployment.py::test_a_holder_file_of_another_shape_or_more_classes_is_refused",
+    "tests/test_gradient_inversion.py::test_the_clientapps_own_align_reply_gives_the_server_the_federation_order_exactly",
 ]
 RUNS = {"core": (CORE, CORE_TESTS), "holder": (HOLDER, HOLDER_TESTS)}
 STATUS = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[\w ]+)$")
@@ -141,11 +142,12 @@ GROUPS = [
      "moves a bound on a float (a condition number, an error) from > to >=: only a value exactly on the bound "
      "tells them apart, and none is"),
     ("same as the default", lambda f, r, a: re.search(r"token_(bytes|hex)\(SECRET_BYTES\)", r) is not None
+     or "download=False" in r and _changed_tokens(r, a) <= {"download", "False", "None", "=", ","}
      or "map_location" in r or re.search(r"dtype=np\.int64", r) is not None
      or re.search(r'allow_pickle=False|indexing="ij"', r) is not None and _changed_tokens(r, a) <= {
          "allow_pickle", "False", "None", "indexing", '"', "ij", "=", ",", ")"},
      "passes None or drops an argument whose default is the same here: token_bytes/token_hex default to 32 bytes "
-     "(SECRET_BYTES), tensors are saved from the CPU so map_location changes nothing, numpy makes int64 of "
+     "(SECRET_BYTES), a loader's download defaults to off (None is off too), tensors are saved from the CPU so map_location changes nothing, numpy makes int64 of "
      "Python ints, np.load refuses pickles by default, torch.meshgrid indexes 'ij' by default"),
     ("format detail kept by writer and reader", lambda f, r, a: "sort_keys" in r or "ZIP_STORED" in r
      or 'to_bytes(8, "little")' in r,
@@ -171,7 +173,7 @@ def _changed_tokens(removed: str, added: str) -> set[str]:
     return changed
 
 
-_DEVICE_TOKENS = {"device", "None", "images", "weight", "conv", "cpu", "torch", "str", "to", "=", ".", ",", "(", ")",
+_DEVICE_TOKENS = {"device", "self", "None", "images", "weight", "conv", "cpu", "torch", "str", "to", "=", ".", ",", "(", ")",
                   '"', "fused", "layout", "block_index", "bias"}
 # Mutants that no rule above covers, explained one function (or one mutant) at a time.
 EXPLAINED = {
@@ -248,6 +250,16 @@ EXPLAINED = {
     "x__seed_value__mutmut_2": 'a boolean seed then goes through int(str(True)), which raises, and is refused the same',
     "x__seed_value__mutmut_5": 'any negative placeholder is refused the same',
     "x__seed_value__mutmut_10": 'the same',
+    # The holder run.
+    "xǁHolderǁpoisson_batches__mutmut_25": "torch.rand draws from [0, 1): an image whose draw equals the sample rate "
+                                           "exactly (probability 2^-24 per image) is the only one < and <= tell apart",
+    "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
+                                           "all of them, the only batch taken",
+    "x_dp_plan__mutmut_21": "message=None silences every warning of the noise search, which issues only this one",
+    "x_dp_plan__mutmut_27": "warnings.filterwarnings matches its message case-insensitively: the same filter",
+    "x_dp_plan__mutmut_28": "the same (upper case)",
+    "xǁPrivacyLedgerǁepsilon__mutmut_4": "Opacus' RDP accountant gives epsilon 0 for an empty history too: the guard "
+                                         "only spares the import",
 }
 
 GROUPS += [

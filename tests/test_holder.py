@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import math
 import stat
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
@@ -28,15 +29,32 @@ from clients.holder import (
     holder_home,
     holder_key,
     key_padding,
+    load_own_data,
 )
 from clients.morphing import morph
 from clients.privacy import DPPlan, PrivacyLedger, check_delta, dp_plan
 from clients.secrets import HolderSecrets
 from server.first_layer import initial_model
 from simulation.config import build_config
+from simulation.data import DataError
 from simulation.errors import UsageError
 from simulation.placement import placement_for
-from simulation.protocol import ACTION, CONFIG, HOLDER_ID, HOLDER_INFO, METRICS, SETTINGS, HolderSettings
+from simulation.models import permute_first_layer_channels
+from simulation.protocol import (
+    ACTION,
+    CONFIG,
+    EVAL_ACCURACY,
+    HOLDER_ID,
+    HOLDER_INFO,
+    INITIAL_LOCAL,
+    METRICS,
+    PLAIN_ORDER,
+    SERVER_ROUND,
+    SETTINGS,
+    SPLIT,
+    VAL_ACCURACY,
+    HolderSettings,
+)
 from simulation.run_folder import HOLDERS_FOLDER
 
 CPU = torch.device("cpu")
@@ -193,12 +211,16 @@ def test_poisson_batches_take_each_image_with_the_sample_rate(experiment, tmp_pa
     everything = list(holder.poisson_batches(1.0, 3, seed=0)())
     assert len(everything) == 3 and all(len(labels) == train for _, labels in everything)
     nothing = list(holder.poisson_batches(0.0, 2, seed=0)())
-    assert len(nothing) == 2 and all(images.numel() == 0 and labels.dtype == torch.long for images, labels in nothing)
+    assert len(nothing) == 2 and all(images.numel() == 0 and labels.numel() == 0 and labels.dtype == torch.long
+                                     for images, labels in nothing)
     sizes = [len(labels) for _, labels in holder.poisson_batches(0.5, 40, seed=1)()]
     assert abs(np.mean(sizes) - 0.5 * train) < 4 * math.sqrt(0.25 * train / 40) and len(set(sizes)) > 1
     first = [labels for _, labels in holder.poisson_batches(0.5, 3, seed=2)()]
     second = [labels for _, labels in holder.poisson_batches(0.5, 3, seed=2)()]
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    augmented = make_holder(experiment, tmp_path / "augmented", augment=True)
+    draws = [[images for images, _ in augmented.poisson_batches(0.5, 2, seed=3)()] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*draws, strict=True))  # augmentation too comes from the seed
 
 
 # ---------------------------------------------------------------- what a holder keeps in its folder
@@ -220,7 +242,7 @@ def test_a_test_evaluation_is_kept_for_its_model_round_and_read_by_another_proce
         assert make_holder(experiment, tmp_path).test_evaluation_of(3) is None
 
 
-def test_local_state_keeps_the_last_two_rounds_and_loads_the_latest_before_a_round(experiment, tmp_path):
+def test_local_state_keeps_the_last_two_rounds_and_loads_the_latest_before_a_round(experiment, tmp_path, monkeypatch):
     holder = make_holder(experiment, tmp_path)
     assert holder.load_local_state(5) is None
     for server_round in (1, 2, 3):
@@ -235,6 +257,10 @@ def test_local_state_keeps_the_last_two_rounds_and_loads_the_latest_before_a_rou
     assert make_holder(experiment, tmp_path, variant="baseline").load_local_state(9) is None
     holder.save_local_state(10, {"w": torch.zeros(1)})
     assert [p.name for p in sorted(tmp_path.glob("local-*"))] == ["local-mple-r00010.pt"]
+    # Another worker training the same holder may remove an old file between the listing and the removal.
+    monkeypatch.setattr(Holder, "_saved_rounds", lambda self: [4, 10])
+    holder.save_local_state(11, {"w": torch.ones(1)})
+    assert torch.load(holder.local_state_path(11), weights_only=True)["w"].tolist() == [1.0]
 
 
 def test_the_holder_cache_keeps_the_most_recently_used(experiment):
@@ -363,10 +389,130 @@ def test_a_target_epsilon_calibrates_the_noise_for_every_step_of_the_run(experim
     config, _, _ = experiment
     base = {**HolderSettings.from_config(config, "mple").__dict__, "batch_size": 10, "dp_delta": 1e-4, "rounds": 2,
             "local_epochs": 3, "dp_noise": 0.1}
-    plan = dp_plan(HolderSettings(**{**base, "dp_epsilon": 4.0}), 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the search's notice about its largest RDP order is Opacus' and expected
+        plan = dp_plan(HolderSettings(**{**base, "dp_epsilon": 4.0}), 100)
     assert plan.noise_multiplier > 0.1 and plan.steps_per_epoch == 10 and plan.sample_rate == 0.1
     accountant = RDPAccountant()
     accountant.history = [(plan.noise_multiplier, 0.1, 2 * 3 * 10)]
     assert 3.9 < accountant.get_epsilon(delta=1e-4) <= 4.0  # spent over rounds x epochs x steps, at most the target
     with pytest.raises(UsageError, match=r"--dp-epsilon 1e-06 is too small for 60 DP-SGD steps at sample rate 0.1"):
         dp_plan(HolderSettings(**{**base, "dp_epsilon": 1e-6}), 100)
+
+
+# ---------------------------------------------------------------- a holder's own data (node config `dataset`)
+def own_npz(path, images, labels):
+    np.savez(path, train_images=images, train_labels=labels, test_images=images[:2], test_labels=labels[:2])
+    return f"npz:{path}"
+
+
+def test_a_holders_own_data_is_read_with_the_experiments_size_and_folder_and_never_downloaded(tmp_path):
+    config = build_config({"holders": 2, "image_size": 8})
+    settings = HolderSettings.from_config(config, "mple")
+    digits = placement_for(config).dataset
+    larger = np.repeat(np.repeat(digits.train.images[:6, 0], 2, axis=1), 2, axis=2)  # 16x16: resized to the 8x8
+    own = load_own_data(own_npz(tmp_path / "own.npz", larger, np.arange(6) % 10), settings, digits)
+    assert own.image_shape == digits.image_shape and len(own.train) == 6
+    on_the_edge = own_npz(tmp_path / "edge.npz", digits.train.images[:4, 0], np.full(4, digits.num_classes))
+    with pytest.raises(UsageError, match=f"label {digits.num_classes}; .* has {digits.num_classes} classes"):
+        load_own_data(on_the_edge, settings, digits)
+    # A MedMNIST spec is looked for in the run's data folder, and a holder never downloads.
+    empty = HolderSettings(**{**settings.__dict__, "data_dir": str(tmp_path)})
+    with pytest.raises(DataError, match=f"{tmp_path / 'breastmnist.npz'} not found and download is off"):
+        load_own_data("medmnist:breastmnist", empty, digits)
+
+
+def test_a_fresh_worker_process_sets_torchs_threads_once_and_fills_its_caches(tmp_path, monkeypatch):
+    from tests.inprocess import run_in_process
+
+    fresh = client_app._ProcessState()
+    assert (fresh.holders, fresh.skeletons, fresh.settings, fresh.threads_set) == (None, {}, {}, False)
+    monkeypatch.setattr(client_app, "_STATE", fresh)
+    calls = []
+    monkeypatch.setattr(client_app.torch, "set_num_threads", calls.append)
+    run_in_process(tmp_path, 2, rounds=1, cpus_per_holder=1)
+    assert calls == [1] and fresh.threads_set
+    assert len(fresh.holders) == 2 and len(fresh.skeletons) == 1 and len(fresh.settings) == 1
+
+
+# ---------------------------------------------------------------- a message's model, assembled on the holder's side
+def assembling(holder, model, message_type, server_round, received, initial_local, plain_order=None):
+    job = object.__new__(client_app.HolderJob)
+    job.holder, job.model, job.backbone = holder, model, model.backbone
+    job.message_type, job.server_round, job.received = message_type, server_round, received
+    config = {} if plain_order is None else {PLAIN_ORDER: plain_order}
+    message_with({})  # the task identity a Message needs
+    message = Message(content=RecordDict({CONFIG: ConfigRecord(config), INITIAL_LOCAL: ArrayRecord(initial_local)}),
+                      dst_node_id=1, message_type=message_type)
+    job._assemble(message)
+    return {name: value.clone() for name, value in model.backbone.state_dict().items()}
+
+
+def test_a_message_is_assembled_in_the_holders_channel_order_with_its_local_entries_of_the_right_round(
+        experiment, tmp_path):
+    config, placement, _ = experiment
+    holder = make_holder(experiment, tmp_path, shuffle="holder")
+    assert not torch.equal(holder.order, torch.arange(len(holder.order)))
+    model = initial_model(config, placement)
+    plain = {name: value.clone() for name, value in model.backbone.state_dict().items()}
+    local_names = [name for name in plain if name.startswith("classifier")][-2:]
+    received = {name: value + 0.5 if value.is_floating_point() else value.clone() for name, value in plain.items()
+                if name not in local_names}
+    initial_local = {name: plain[name] for name in local_names}
+
+    # Alignment: the server's backbone arrives in the plain order and is brought into the holder's.
+    aligned = assembling(holder, model, MessageType.QUERY, 0, received, initial_local, plain_order=True)
+    reference = initial_model(config, placement)
+    reference.backbone.load_state_dict({**received, **initial_local}, strict=False)
+    permute_first_layer_channels(reference, holder.order)
+    expected = reference.backbone.state_dict()
+    assert all(torch.equal(aligned[name], expected[name]) for name in aligned)
+    assert any(not torch.equal(aligned[name], received[name]) for name in received)
+
+    # A round's arrays are in the holder's order already; without local state yet, the initial local entries.
+    first_round = assembling(holder, model, MessageType.TRAIN, 1, received, initial_local)
+    assert all(torch.equal(first_round[name], received[name]) for name in received)
+    for plain_order in (False, None):
+        assert all(torch.equal(assembling(holder, model, MessageType.TRAIN, 1, received, initial_local,
+                                          plain_order)[name], first_round[name]) for name in first_round)
+
+    # Training round r starts from the local entries of round r - 1, evaluating round r uses round r's (a round
+    # trained again after a resume finds its own file of the interrupted try, which it must not use).
+    for server_round in (2, 3):
+        holder.save_local_state(server_round, {name: torch.full_like(plain[name], float(server_round))
+                                               for name in local_names})
+    training = assembling(holder, model, MessageType.TRAIN, 3, received, initial_local)
+    evaluating = assembling(holder, model, MessageType.EVALUATE, 3, received, initial_local)
+    assert all((training[name] == 2.0).all() and (evaluating[name] == 3.0).all() for name in local_names)
+    assert all(torch.equal(training[name], received[name]) for name in received)
+    assert (assembling(holder, model, MessageType.EVALUATE, 2, received, initial_local)[local_names[0]] == 2.0).all()
+
+
+def test_a_jobs_seeds_are_the_holders_for_this_purpose_and_round(experiment, tmp_path):
+    job = object.__new__(client_app.HolderJob)
+    job.holder, job.server_round = make_holder(experiment, tmp_path), 2
+    assert job.local_seed("batches") == job.holder.local_seed("batches", 2)
+    seeds = {job.local_seed("batches"), job.local_seed("dropout")}
+    job.server_round = 3
+    seeds.add(job.local_seed("batches"))
+    assert len(seeds) == 3
+
+
+def test_a_holder_evaluates_each_model_once_and_training_reports_the_evaluation_of_the_model_it_starts_from(
+        tmp_path, monkeypatch):
+    from tests.inprocess import run_in_process
+
+    evaluated = []
+    real = client_app.evaluate
+    monkeypatch.setattr(client_app, "evaluate", lambda *args: evaluated.append(1) or real(*args))
+    _, grid, _ = run_in_process(tmp_path, 2, rounds=2, fraction_train=1.0, fraction_evaluate=1.0)
+    # Per holder: the model before round 1, after round 1 (its training in round 2 reuses it), after round 2, and
+    # the final model on the official test split.
+    assert len(evaluated) == 2 * 4
+    replies = {(str(m.metadata.message_type), int(m.content[CONFIG][SERVER_ROUND]),
+                r.content[HOLDER_INFO][HOLDER_ID]): r.content[METRICS] for m, r in grid.log
+               if str(m.metadata.message_type) in (MessageType.TRAIN, MessageType.EVALUATE)
+               and m.content[CONFIG].get(SPLIT, "test") == "test"}
+    for holder in range(2):
+        assert replies[(MessageType.TRAIN, 2, holder)][VAL_ACCURACY] == \
+            replies[(MessageType.EVALUATE, 1, holder)][EVAL_ACCURACY]
