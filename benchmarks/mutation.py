@@ -255,6 +255,10 @@ EXPLAINED = {
                                            "exactly (probability 2^-24 per image) is the only one < and <= tell apart",
     "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
                                            "all of them, the only batch taken",
+    "xǁHolderǁ_saved_rounds__mutmut_6": "a local-state file's stem holds '-r' once (local-<variant>-rNNNNN, and the "
+                                        "variants are mple and baseline): split from either end, any count, the same",
+    "xǁHolderǁ_saved_rounds__mutmut_7": "the same (split from the left)",
+    "xǁHolderǁ_saved_rounds__mutmut_10": "the same (at most two splits)",
     "x_dp_plan__mutmut_21": "message=None silences every warning of the noise search, which issues only this one",
     "x_dp_plan__mutmut_27": "warnings.filterwarnings matches its message case-insensitively: the same filter",
     "x_dp_plan__mutmut_28": "the same (upper case)",

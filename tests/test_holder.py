@@ -516,3 +516,18 @@ def test_a_holder_evaluates_each_model_once_and_training_reports_the_evaluation_
     for holder in range(2):
         assert replies[(MessageType.TRAIN, 2, holder)][VAL_ACCURACY] == \
             replies[(MessageType.EVALUATE, 1, holder)][EVAL_ACCURACY]
+
+
+def test_a_holder_reads_its_kept_evaluation_from_its_folder_only_when_its_own_copy_is_stale(experiment, tmp_path,
+                                                                                            monkeypatch):
+    holder = make_holder(experiment, tmp_path)
+    reads = []
+    read = Holder._read_test_evaluation
+    monkeypatch.setattr(Holder, "_read_test_evaluation", lambda self: reads.append(1) or read(self))
+    holder.remember_test_evaluation(2, 0.25, 0.75)
+    assert holder.test_evaluation_of(2) == (0.25, 0.75) and holder.test_evaluation_of(2) == (0.25, 0.75)
+    assert reads == []
+    other = make_holder(experiment, tmp_path)
+    assert other.test_evaluation_of(2) == (0.25, 0.75) and other.test_evaluation_of(2) == (0.25, 0.75)
+    assert reads == [1]  # once, then from its own copy
+    assert other.test_evaluation_of(3) is None and reads == [1, 1]
