@@ -531,3 +531,19 @@ def test_a_holder_reads_its_kept_evaluation_from_its_folder_only_when_its_own_co
     assert other.test_evaluation_of(2) == (0.25, 0.75) and other.test_evaluation_of(2) == (0.25, 0.75)
     assert reads == [1]  # once, then from its own copy
     assert other.test_evaluation_of(3) is None and reads == [1, 1]
+
+
+def test_the_profile_names_every_phase_of_a_holders_messages(tmp_path, monkeypatch):
+    """benchmarks.simulation breaks the engine's overhead down by these names (MPLE_PROFILE)."""
+    from simulation.profile import PROFILE_ENV, read_profile
+    from tests.inprocess import run_in_process
+
+    path = tmp_path / "profile.jsonl"
+    monkeypatch.setenv(PROFILE_ENV, str(path))
+    run_in_process(tmp_path, 2, rounds=1)
+    lines = read_profile(path)
+    assert {line["side"] for line in lines} == {"holder", "server"}
+    assert {line["phase"] for line in lines if line["side"] == "holder"} == {
+        "train message", "evaluate message", "settings", "decode", "holder set-up and cache",
+        "local state and state dicts", "compute", "reply"}
+    assert all(line["s"] >= 0 for line in lines)
