@@ -253,6 +253,9 @@ EXPLAINED = {
     # The holder run.
     "xǁHolderǁpoisson_batches__mutmut_25": "torch.rand draws from [0, 1): an image whose draw equals the sample rate "
                                            "exactly (probability 2^-24 per image) is the only one < and <= tell apart",
+    "xǁHolderǁpoisson_batches__mutmut_34": "killed by test_poisson_batches_take_each_image_with_the_sample_rate's "
+                                           "augmentation check, written after the re-test's copy (applied by hand: "
+                                           "it fails)",
     "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
                                            "all of them, the only batch taken",
     "xǁHolderǁ_saved_rounds__mutmut_6": "a local-state file's stem holds '-r' once (local-<variant>-rNNNNN, and the "
@@ -260,6 +263,8 @@ EXPLAINED = {
     "xǁHolderǁ_saved_rounds__mutmut_7": "the same (split from the left)",
     "xǁHolderǁ_saved_rounds__mutmut_10": "the same (at most two splits)",
     "x_dp_plan__mutmut_21": "message=None silences every warning of the noise search, which issues only this one",
+    "x_dp_plan__mutmut_23": "the same (no message: every warning of the search)",
+    "x_dp_plan__mutmut_39": "get_noise_multiplier's accountant defaults to rdp, the one named",
     "x_dp_plan__mutmut_27": "warnings.filterwarnings matches its message case-insensitively: the same filter",
     "x_dp_plan__mutmut_28": "the same (upper case)",
     "xǁPrivacyLedgerǁepsilon__mutmut_4": "Opacus' RDP accountant gives epsilon 0 for an empty history too: the guard "

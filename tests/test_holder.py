@@ -221,6 +221,10 @@ def test_poisson_batches_take_each_image_with_the_sample_rate(experiment, tmp_pa
     augmented = make_holder(experiment, tmp_path / "augmented", augment=True)
     draws = [[images for images, _ in augmented.poisson_batches(0.5, 2, seed=3)()] for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*draws, strict=True))  # augmentation too comes from the seed
+    plain_first = next(iter(make_holder(experiment, tmp_path / "plain").poisson_batches(0.5, 1, seed=3)()))
+    augmented_first = next(iter(augmented.poisson_batches(0.5, 1, seed=3)()))
+    assert torch.equal(plain_first[1], augmented_first[1])  # the same images chosen, in the same order,
+    assert not torch.equal(plain_first[0], augmented_first[0])  # augmented
 
 
 # ---------------------------------------------------------------- what a holder keeps in its folder
