@@ -39,19 +39,24 @@ from simulation.config import build_config
 from simulation.data import DataError
 from simulation.errors import UsageError
 from simulation.placement import placement_for
+from simulation.run import holder_side
 from simulation.models import permute_first_layer_channels
 from simulation.protocol import (
     ACTION,
+    ARRAYS,
     CONFIG,
     EVAL_ACCURACY,
     HOLDER_ID,
     HOLDER_INFO,
     INITIAL_LOCAL,
     METRICS,
+    NUM_EXAMPLES,
     PLAIN_ORDER,
     SERVER_ROUND,
     SETTINGS,
     SPLIT,
+    TRAIN_ACCURACY,
+    TRAIN_LOSS,
     VAL_ACCURACY,
     HolderSettings,
 )
@@ -551,3 +556,36 @@ def test_the_profile_names_every_phase_of_a_holders_messages(tmp_path, monkeypat
         "train message", "evaluate message", "settings", "decode", "holder set-up and cache",
         "local state and state dicts", "compute", "reply"}
     assert all(line["s"] >= 0 for line in lines)
+
+
+def test_a_holders_training_is_local_sgd_on_its_morphed_batches_with_the_rounds_settings(tmp_path):
+    from simulation.training import train_epochs
+    from tests.inprocess import run_in_process
+
+    _, grid, run = run_in_process(tmp_path, 2, rounds=1, local_epochs=2, momentum=0.5, weight_decay=1e-3)
+    message, reply = next((m, r) for m, r in grid.log if str(m.metadata.message_type) == MessageType.TRAIN
+                          and r.content[HOLDER_INFO][HOLDER_ID] == 0)
+    context = grid._contexts[1000]  # holder 0's node
+    settings = run.settings.config
+    side = holder_side(settings, run.settings.run_dir, holder_seed=0)  # the run's: its holders' kept provision
+
+    def by_hand(lr: float) -> tuple[dict, float, float, int]:
+        job = client_app.HolderJob(message, context, side)
+        torch.manual_seed(job.local_seed("dropout"))
+        loss, accuracy, _ = train_epochs(
+            job.holder.first, job.backbone, job.holder.batches("train", shuffle_seed=job.local_seed("batches")),
+            epochs=2, lr=lr, momentum=0.5, weight_decay=1e-3, proximal_mu=0.0, anchor=None)
+        return job.reply_arrays().to_torch_state_dict(), loss, accuracy, job.holder.num_examples("train")
+
+    sent = reply.content[ARRAYS].to_torch_state_dict()
+    arrays, loss, accuracy, examples = by_hand(settings.lr)
+    assert sent.keys() == arrays.keys() and all(torch.equal(sent[name], arrays[name]) for name in sent)
+    metrics = reply.content[METRICS]
+    assert (metrics[TRAIN_LOSS], metrics[TRAIN_ACCURACY], metrics[NUM_EXAMPLES]) == (loss, accuracy, examples)
+    # A strategy may set the round's learning rate; the holder trains with it.
+    message.content[CONFIG]["lr"] = 2 * settings.lr
+    faster = client_app.train(message, context, side)
+    arrays, loss, _, _ = by_hand(2 * settings.lr)
+    faster_arrays = faster.content[ARRAYS].to_torch_state_dict()
+    assert all(torch.equal(faster_arrays[name], arrays[name]) for name in arrays)
+    assert faster.content[METRICS][TRAIN_LOSS] == loss and loss != metrics[TRAIN_LOSS]
