@@ -84,6 +84,19 @@ def configure(target: Path, max_children: int, modules: list[str], tests: list[s
         + "pytest_add_cli_args =\n    -x\n    -q\n    -p\n    no:cacheprovider\n"
         + f"max_children = {max_children}\n"
     )
+    # mutmut hands pytest a mutant's covering tests in no particular order and stops at the first failure (-x): the
+    # copy's conftest runs them in the run's listed order instead, fast unit tests before federations, so that a
+    # mutant dies in seconds rather than after every slow test that cannot catch it.
+    with open(target / "tests" / "conftest.py", "a") as conftest:
+        conftest.write(
+            "\n\n# Added by benchmarks.mutation in its working copy only.\n"
+            f"_MUTATION_ORDER = {tests!r}\n\n\n"
+            "def pytest_collection_modifyitems(session, config, items):\n"
+            "    def rank(item):\n"
+            "        return next((index for index, name in enumerate(_MUTATION_ORDER)\n"
+            "                     if item.nodeid == name or item.nodeid.startswith((name + '::', name + '['))), "
+            "len(_MUTATION_ORDER))\n"
+            "    items.sort(key=rank)\n")
 
 
 # ---------------------------------------------------------------- what each survivor changed, and why it lives
