@@ -269,6 +269,14 @@ EXPLAINED = {
     "xǁHolderǁpoisson_batches__mutmut_34": "killed by test_poisson_batches_take_each_image_with_the_sample_rate's "
                                            "augmentation check, written after the re-test's copy (applied by hand: "
                                            "it fails)",
+    "x__skeleton__mutmut_12": "killed by test_a_worker_builds_one_skeleton_per_model_and_dp_mode_with_groupnorms_"
+                              "under_holder_dp, written after the re-test's copy (applied by hand: it fails)",
+    "x__skeleton__mutmut_17": "the same (applied by hand: it fails)",
+    "xǁHolderJobǁ__init____mutmut_33": "killed by test_a_holders_training_is_local_sgd_on_its_morphed_batches_with_"
+                                       "the_rounds_settings' GPU check, written after the re-test's copy (applied by "
+                                       "hand: it fails)",
+    "xǁHolderJobǁevaluate_test_split__mutmut_21": "killed by the same test's evaluation sent again, written after the "
+                                                  "re-test's copy (applied by hand: it fails)",
     "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
                                            "all of them, the only batch taken",
     "xǁHolderǁ_saved_rounds__mutmut_6": "a local-state file's stem holds '-r' once (local-<variant>-rNNNNN, and the "

@@ -582,6 +582,12 @@ def test_a_holders_training_is_local_sgd_on_its_morphed_batches_with_the_rounds_
     assert sent.keys() == arrays.keys() and all(torch.equal(sent[name], arrays[name]) for name in sent)
     metrics = reply.content[METRICS]
     assert (metrics[TRAIN_LOSS], metrics[TRAIN_ACCURACY], metrics[NUM_EXAMPLES]) == (loss, accuracy, examples)
+
+    # An evaluation sent again (a resumed run's) gets the same reply, from the holder's kept result.
+    evaluation, evaluated = next((m, r) for m, r in grid.log if str(m.metadata.message_type) == MessageType.EVALUATE
+                                 and r.content[HOLDER_INFO][HOLDER_ID] == 0)
+    again = client_app.evaluate_holder(evaluation, context, side)
+    assert dict(again.content[METRICS]) == dict(evaluated.content[METRICS])
     # A strategy may set the round's learning rate; the holder trains with it.
     message.content[CONFIG]["lr"] = 2 * settings.lr
     faster = client_app.train(message, context, side)
@@ -589,3 +595,23 @@ def test_a_holders_training_is_local_sgd_on_its_morphed_batches_with_the_rounds_
     faster_arrays = faster.content[ARRAYS].to_torch_state_dict()
     assert all(torch.equal(faster_arrays[name], arrays[name]) for name in arrays)
     assert faster.content[METRICS][TRAIN_LOSS] == loss and loss != metrics[TRAIN_LOSS]
+
+    # A holder granted a GPU that torch cannot see fails its message; it never trains on the CPU instead.
+    if not torch.cuda.is_available():
+        granted = json.loads(str(message.content[CONFIG][SETTINGS]))
+        message.content[CONFIG][SETTINGS] = json.dumps({**granted, "gpus_per_holder": 0.5}, sort_keys=True)
+        with pytest.raises(UsageError, match="granted 0.5 GPU but torch sees no CUDA device"):
+            client_app.train(message, context, side)
+
+
+def test_a_worker_builds_one_skeleton_per_model_and_dp_mode_with_groupnorms_under_holder_dp(experiment, monkeypatch):
+    config, placement, _ = experiment
+    monkeypatch.setattr(client_app, "_STATE", client_app._ProcessState())
+    plain = HolderSettings.from_config(config, "mple")
+    dp = HolderSettings(**{**plain.__dict__, "dp": "holder"})
+    shape, classes = placement.dataset.image_shape, placement.dataset.num_classes
+    skeleton, dp_skeleton = client_app._skeleton(plain, shape, classes), client_app._skeleton(dp, shape, classes)
+    assert client_app._skeleton(plain, shape, classes) is skeleton and skeleton is not dp_skeleton
+    kinds = lambda model: {type(module) for module in model.modules()}  # noqa: E731
+    assert nn.BatchNorm2d in kinds(skeleton) and nn.GroupNorm not in kinds(skeleton)
+    assert nn.GroupNorm in kinds(dp_skeleton) and nn.BatchNorm2d not in kinds(dp_skeleton)
