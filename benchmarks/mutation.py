@@ -277,6 +277,12 @@ EXPLAINED = {
                                        "hand: it fails)",
     "xǁHolderJobǁevaluate_test_split__mutmut_21": "killed by the same test's evaluation sent again, written after the "
                                                   "re-test's copy (applied by hand: it fails)",
+    "xǁHolderJobǁ_open_holder__mutmut_2": "killed by test_a_nodes_own_secret_wins_over_the_launchers_provision, written after the re-test's copy (applied by hand: it fails)",
+    "xǁHolderJobǁ_open_holder__mutmut_6": "the same (applied by hand: it fails)",
+    "xǁHolderJobǁ_open_holder__mutmut_7": "the same as mutmut_6 (upper case instead of XX: the key no longer matches)",
+    "xǁHolderJobǁ_open_holder__mutmut_8": "the same (applied by hand: it fails)",
+    "xǁHolderJobǁ_open_holder__mutmut_18": "the same (applied by hand: it fails)",
+    "xǁHolderJobǁ_open_holder__mutmut_20": "the same (applied by hand: it fails)",
     "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
                                            "all of them, the only batch taken",
     "xǁHolderǁ_saved_rounds__mutmut_6": "a local-state file's stem holds '-r' once (local-<variant>-rNNNNN, and the "

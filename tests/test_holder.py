@@ -615,3 +615,27 @@ def test_a_worker_builds_one_skeleton_per_model_and_dp_mode_with_groupnorms_unde
     kinds = lambda model: {type(module) for module in model.modules()}  # noqa: E731
     assert nn.BatchNorm2d in kinds(skeleton) and nn.GroupNorm not in kinds(skeleton)
     assert nn.GroupNorm in kinds(dp_skeleton) and nn.BatchNorm2d not in kinds(dp_skeleton)
+
+
+@pytest.mark.parametrize("own", ["holder-seed", "federation-secret"])
+def test_a_nodes_own_secret_wins_over_the_launchers_provision(tmp_path, own):
+    from clients.secrets import SECRETS_FILE
+    from server.server_app import ServerSettings, VariantRun
+    from simulation.run_folder import prepare_run_dir
+    from tests.inprocess import InProcessGrid
+
+    config = build_config({"holders": 2, "rounds": 1, "pretrain_epochs": 1})
+    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
+    side = holder_side(config, run_dir, holder_seed=0)  # the launcher provisions holder seed 0
+    node_config = {"holder-seed": 7} if own == "holder-seed" else {"federation-secret": "ab" * 32}
+    grid = InProcessGrid(2, node_config=node_config, client_app=client_app.build_client_app(side))
+    VariantRun(grid, ServerSettings(config, run_dir, progress=lambda line: None)).run()
+    for holder in range(2):
+        kept = HolderSecrets.load(holder_home(run_dir, holder) / SECRETS_FILE)
+        provisioned = HolderSecrets.from_holder_seed(0, holder)
+        assert kept.holder != provisioned.holder
+        if own == "holder-seed":
+            assert (kept.holder, kept.federation) == (HolderSecrets.from_holder_seed(7, holder).holder,
+                                                      HolderSecrets.from_holder_seed(7, holder).federation)
+        else:
+            assert kept.federation == bytes.fromhex("ab" * 32) and kept.source == "entropy"
