@@ -318,6 +318,10 @@ def test_a_holders_folder_is_chosen_on_its_side_only(tmp_path, monkeypatch):
     assert holder_folder(context({"holder-dir": "~/mine"}), side, 3) == (tmp_path / "x").home() / "mine"
     assert holder_folder(context({"holder-dir": ""}), side, 3) == tmp_path / "root" / "holder-0003"
     assert holder_folder(context({}), HolderSide(), 3) == tmp_path / "flwr" / "mple-holders" / "run-42" / "holder-0003"
+    monkeypatch.delenv("FLWR_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert holder_folder(context({}), HolderSide(), 3) == tmp_path / "home" / ".flwr" / "mple-holders" / "run-42" / \
+        "holder-0003"
 
 
 def test_replies_carry_the_metrics_and_the_holder_and_arrays_only_when_given():
@@ -639,3 +643,23 @@ def test_a_nodes_own_secret_wins_over_the_launchers_provision(tmp_path, own):
                                                       HolderSecrets.from_holder_seed(7, holder).federation)
         else:
             assert kept.federation == bytes.fromhex("ab" * 32) and kept.source == "entropy"
+
+
+@pytest.mark.parametrize("node_floor, side_floor, refused", [
+    ({"min-block-size": 8}, SecurityFloor(), True),  # the node's own floor refuses q = 4
+    ({}, SecurityFloor(min_block_size=8), True),  # without one, the launcher's does
+    ({"min-block-size": 2}, SecurityFloor(min_block_size=8), False),  # a node that names its floor uses its own
+])
+def test_a_nodes_own_floor_is_used_where_its_node_config_names_one(tmp_path, node_floor, side_floor, refused):
+    from server.server_app import ServerSettings, VariantRun
+    from simulation.run_folder import prepare_run_dir
+    from tests.inprocess import InProcessGrid
+
+    config = build_config({"holders": 2, "rounds": 1, "pretrain_epochs": 1, "block_size": 4, "shuffle": "holder"})
+    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
+    side = holder_side(config, run_dir, 0, side_floor)
+    grid = InProcessGrid(2, node_config=node_floor, client_app=client_app.build_client_app(side))
+    (row,) = VariantRun(grid, ServerSettings(config, run_dir, progress=lambda line: None)).run()["rounds"]
+    assert (row["holders_trained"], row["train_failures"]) == ((0, 2) if refused else (2, 0))
+    if refused:
+        assert any("floor refuses a repeated key with q = 4" in reason for reason in row["failure_reasons"])
