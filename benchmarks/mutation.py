@@ -303,6 +303,17 @@ EXPLAINED = {
     "xǁHolderJobǁ_open_holder__mutmut_40": "reads the floor from no node config: an AttributeError on every holder whose node config names a floor, which the same test's accepting case catches (not applied by hand)",
     "xǁHolderJobǁ_open_holder__mutmut_41": "killed by test_a_nodes_own_floor_is_used_where_its_node_config_names_one (applied by hand: it fails)",
     "xǁHolderJobǁ_open_holder__mutmut_58": "killed by test_a_nodes_own_floor_is_used_where_its_node_config_names_one (applied by hand: it fails)",
+    "xǁHolderJobǁ_assemble__mutmut_19": "loads the received entries in the plain order and permutes them too when they are already in the holder's order: the next line loads them again in the holder's order, overwriting that copy, and the permutation is applied to the skeleton's plain first layer, which the holder never uses (its own AugConv or frozen layer is)",
+    "xǁHolderJobǁ_assemble__mutmut_29": "strict=None is falsy: load_state_dict is as lenient as with strict=False",
+    "xǁHolderJobǁ_assemble__mutmut_38": "the same",
+    "xǁHolderJobǁ_assemble__mutmut_4": "bool(None) is False, the default's value",
+    "xǁHolderJobǁ_assemble__mutmut_6": "the same (get's own default is None)",
+    "xǁHolderCacheǁget__mutmut_6": "popitem(last=None) is popitem(last=False): None is falsy, the oldest holder goes",
+    "xǁHolderǁload_local_state__mutmut_5": "map_location=None: the local state is saved from the CPU, so it loads there anyway",
+    "xǁHolderǁload_local_state__mutmut_8": "the same (map_location left out)",
+    "xǁHolderǁload_local_state__mutmut_6": "weights_only=None is torch's default, which is True since torch 2.6 (this project needs 2.14)",
+    "xǁHolderǁload_local_state__mutmut_9": "the same (weights_only left out)",
+    "xǁHolderǁload_local_state__mutmut_15": "killed by test_a_planted_local_state_file_is_refused_without_running_it, written after the run (applied by hand: it fails)",
     "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
                                            "all of them, the only batch taken",
     "xǁHolderǁ_saved_rounds__mutmut_6": "a local-state file's stem holds '-r' once (local-<variant>-rNNNNN, and the "

@@ -663,3 +663,22 @@ def test_a_nodes_own_floor_is_used_where_its_node_config_names_one(tmp_path, nod
     assert (row["holders_trained"], row["train_failures"]) == ((0, 2) if refused else (2, 0))
     if refused:
         assert any("floor refuses a repeated key with q = 4" in reason for reason in row["failure_reasons"])
+
+
+class _Planted:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_local_state_file_is_refused_without_running_it(experiment, tmp_path):
+    holder = make_holder(experiment, tmp_path / "holder")
+    marker = tmp_path / "ran"
+    torch.save({"w": _Planted(marker)}, holder.local_state_path(1))
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        holder.load_local_state(2)
+    assert not marker.exists()
