@@ -1,7 +1,7 @@
 """Mutation testing of the holder core and the server's audit: how many deliberate breaks do the tests catch?
 
     pip install mutmut   # not a project dependency: a benchmark tool
-    python -m benchmarks.mutation [--out runs/mutation] [--max-children 2]
+    python -m benchmarks.mutation [--run core|holder] [--out runs/mutation] [--max-children 2]
 
 mutmut changes one thing at a time in the modules below (an operator, a constant, a comparison, a return value)
 and runs the tests that cover the changed function; a mutant the tests pass is a "survivor", a break nobody would
