@@ -236,6 +236,8 @@ def test_a_run_joins_an_existing_ray_cluster(tmp_path, ray_head):
     assert any("ClientAppActor" in path.read_text(errors="ignore") for path in logs.glob("worker-*.out"))
 
 
+@pytest.mark.heavy  # 95 s: the default run took 10 min 22 s in .ci/run; the SuperNode kill-and-restart test runs the same
+# processes (SuperLink, a SuperNode per holder, flwr run) and is heavy too
 def test_superlink_and_one_supernode_per_holder_run_the_apps(tmp_path):
     config = build_config({**TINY, "shuffle": "holder"})  # no alignment query: one ClientApp process less
     run_dir = prepare_run_dir(config, tmp_path / "run")
