@@ -86,16 +86,16 @@ def _snapshot(message: Message) -> Message:
 
 def run_in_process(tmp_path, holders: int = 3, *, holder_seed: int | None = 0, variant: str = "mple",
                    holder_floor: tuple | None = None, nodes: int | None = None, grid_type=InProcessGrid,
-                   **settings):
+                   node_config: dict | None = None, **settings):
     """A whole variant run through the real ServerApp, strategies and ClientApp, in this process; the holders' side
     set up as `simulation.run` sets it up (their folders, their secrets from `holder_seed`, their floor
-    `(families, min_block_size)`, the failure hook); `nodes` connects fewer holders than the run expects; `grid_type` is an InProcessGrid that stages a failure."""
+    `(families, min_block_size)`, the failure hook); `nodes` connects fewer holders than the run expects; `node_config` is every node's extra node config (what a SuperNode names itself); `grid_type` is an InProcessGrid that stages a failure."""
     stop = settings.pop("stop_after_round", None)
     config = build_config({"holders": holders, "rounds": 2, "pretrain_epochs": 1, **settings})
     run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
     floor = SecurityFloor() if holder_floor is None else SecurityFloor(*holder_floor)
     side = holder_side(config, run_dir, holder_seed, floor)
-    grid = grid_type(holders if nodes is None else nodes, client_app=build_client_app(side))
+    grid = grid_type(holders if nodes is None else nodes, node_config, client_app=build_client_app(side))
     run = VariantRun(grid, ServerSettings(config, run_dir, variant=variant, progress=lambda line: None,
                                           stop_after_round=stop))
     return run.run(), grid, run

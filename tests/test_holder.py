@@ -4,6 +4,7 @@ evaluation and local state, the ClientApp's helpers and the DP ledger. Fast enou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import stat
@@ -76,7 +77,7 @@ def make_holder(experiment, home, holder_id=0, variant="mple", seed=0, **changes
     config, _, first = experiment
     settings = HolderSettings.from_config(config, variant)
     if changes:
-        settings = HolderSettings(**{**settings.__dict__, **changes})
+        settings = dataclasses.replace(settings, **changes)
     return Holder(holder_id, settings, home, HolderSecrets.from_holder_seed(seed, holder_id), first, CPU)
 
 
@@ -144,20 +145,20 @@ def test_a_kept_key_made_for_other_settings_is_refused_naming_the_folder(experim
     holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
     padding = 0
     if change == "family":
-        settings = HolderSettings(**{**settings.__dict__, "key_family": "blocks"})
+        settings = dataclasses.replace(settings, key_family="blocks")
     elif change == "entries":
-        settings = HolderSettings(**{**settings.__dict__, "key_entries": "integer"})
+        settings = dataclasses.replace(settings, key_entries="integer")
     elif change == "padding":
         padding = 1
     else:
-        settings = HolderSettings(**{**settings.__dict__, "block_size": 4})
+        settings = dataclasses.replace(settings, block_size=4)
     with pytest.raises(UsageError, match=f"holder folder {tmp_path} holds a .* that does not match"):
         holder_key(settings, secrets, tmp_path, shape, padding, SecurityFloor())
 
 
 def test_a_kept_key_below_the_holders_floor_is_refused_even_if_it_matches(experiment, tmp_path):
     config, placement, _ = experiment
-    settings = HolderSettings(**{**HolderSettings.from_config(config, "mple").__dict__, "block_size": 2})
+    settings = dataclasses.replace(HolderSettings.from_config(config, "mple"), block_size=2)
     secrets = HolderSecrets.from_holder_seed(0, 1)
     shape = placement.dataset.image_shape
     holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=2))
@@ -294,8 +295,12 @@ def test_an_augconv_is_built_once_and_read_back_from_the_holders_folder(experime
 
 
 # ---------------------------------------------------------------- the ClientApp's pieces
+def as_server_app() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # a Message needs the sending task's
+
+
 def message_with(config: dict, node_id: int = 5) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as the engine sets it for a ServerApp
+    as_server_app()
     return Message(content=RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=node_id, message_type="query")
 
 
@@ -430,7 +435,7 @@ def test_a_holders_own_data_is_read_with_the_experiments_size_and_folder_and_nev
     with pytest.raises(UsageError, match=f"label {digits.num_classes}; .* has {digits.num_classes} classes"):
         load_own_data(on_the_edge, settings, digits)
     # A MedMNIST spec is looked for in the run's data folder, and a holder never downloads.
-    empty = HolderSettings(**{**settings.__dict__, "data_dir": str(tmp_path)})
+    empty = dataclasses.replace(settings, data_dir=str(tmp_path))
     with pytest.raises(DataError, match=f"{tmp_path / 'breastmnist.npz'} not found and download is off"):
         load_own_data("medmnist:breastmnist", empty, digits)
 
@@ -454,7 +459,7 @@ def assembling(holder, model, message_type, server_round, received, initial_loca
     job.holder, job.model, job.backbone = holder, model, model.backbone
     job.message_type, job.server_round, job.received = message_type, server_round, received
     config = {} if plain_order is None else {PLAIN_ORDER: plain_order}
-    message_with({})  # the task identity a Message needs
+    as_server_app()
     message = Message(content=RecordDict({CONFIG: ConfigRecord(config), INITIAL_LOCAL: ArrayRecord(initial_local)}),
                       dst_node_id=1, message_type=message_type)
     job._assemble(message)
@@ -612,7 +617,7 @@ def test_a_worker_builds_one_skeleton_per_model_and_dp_mode_with_groupnorms_unde
     config, placement, _ = experiment
     monkeypatch.setattr(client_app, "_STATE", client_app._ProcessState())
     plain = HolderSettings.from_config(config, "mple")
-    dp = HolderSettings(**{**plain.__dict__, "dp": "holder"})
+    dp = dataclasses.replace(plain, dp="holder")
     shape, classes = placement.dataset.image_shape, placement.dataset.num_classes
     skeleton, dp_skeleton = client_app._skeleton(plain, shape, classes), client_app._skeleton(dp, shape, classes)
     assert client_app._skeleton(plain, shape, classes) is skeleton and skeleton is not dp_skeleton
@@ -624,16 +629,11 @@ def test_a_worker_builds_one_skeleton_per_model_and_dp_mode_with_groupnorms_unde
 @pytest.mark.parametrize("own", ["holder-seed", "federation-secret"])
 def test_a_nodes_own_secret_wins_over_the_launchers_provision(tmp_path, own):
     from clients.secrets import SECRETS_FILE
-    from server.server_app import ServerSettings, VariantRun
-    from simulation.run_folder import prepare_run_dir
-    from tests.inprocess import InProcessGrid
+    from tests.inprocess import run_in_process
 
-    config = build_config({"holders": 2, "rounds": 1, "pretrain_epochs": 1})
-    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
-    side = holder_side(config, run_dir, holder_seed=0)  # the launcher provisions holder seed 0
     node_config = {"holder-seed": 7} if own == "holder-seed" else {"federation-secret": "ab" * 32}
-    grid = InProcessGrid(2, node_config=node_config, client_app=client_app.build_client_app(side))
-    VariantRun(grid, ServerSettings(config, run_dir, progress=lambda line: None)).run()
+    _, _, run = run_in_process(tmp_path, 2, rounds=1, node_config=node_config)  # the launcher provisions seed 0
+    run_dir = run.settings.run_dir
     for holder in range(2):
         kept = HolderSecrets.load(holder_home(run_dir, holder) / SECRETS_FILE)
         provisioned = HolderSecrets.from_holder_seed(0, holder)
@@ -646,20 +646,16 @@ def test_a_nodes_own_secret_wins_over_the_launchers_provision(tmp_path, own):
 
 
 @pytest.mark.parametrize("node_floor, side_floor, refused", [
-    ({"min-block-size": 8}, SecurityFloor(), True),  # the node's own floor refuses q = 4
-    ({}, SecurityFloor(min_block_size=8), True),  # without one, the launcher's does
-    ({"min-block-size": 2}, SecurityFloor(min_block_size=8), False),  # a node that names its floor uses its own
+    ({"min-block-size": 8}, None, True),  # the node's own floor refuses q = 4
+    ({}, (("repeated",), 8), True),  # without one, the launcher's does
+    ({"min-block-size": 2}, (("repeated",), 8), False),  # a node that names its floor uses its own
 ])
 def test_a_nodes_own_floor_is_used_where_its_node_config_names_one(tmp_path, node_floor, side_floor, refused):
-    from server.server_app import ServerSettings, VariantRun
-    from simulation.run_folder import prepare_run_dir
-    from tests.inprocess import InProcessGrid
+    from tests.inprocess import run_in_process
 
-    config = build_config({"holders": 2, "rounds": 1, "pretrain_epochs": 1, "block_size": 4, "shuffle": "holder"})
-    run_dir = prepare_run_dir(config, tmp_path / "run", exist_ok=True)
-    side = holder_side(config, run_dir, 0, side_floor)
-    grid = InProcessGrid(2, node_config=node_floor, client_app=client_app.build_client_app(side))
-    (row,) = VariantRun(grid, ServerSettings(config, run_dir, progress=lambda line: None)).run()["rounds"]
+    metrics, _, _ = run_in_process(tmp_path, 2, rounds=1, block_size=4, shuffle="holder", holder_floor=side_floor,
+                                   node_config=node_floor)
+    (row,) = metrics["rounds"]
     assert (row["holders_trained"], row["train_failures"]) == ((0, 2) if refused else (2, 0))
     if refused:
         assert any("floor refuses a repeated key with q = 4" in reason for reason in row["failure_reasons"])
