@@ -266,43 +266,9 @@ EXPLAINED = {
     # The holder run.
     "xǁHolderǁpoisson_batches__mutmut_25": "torch.rand draws from [0, 1): an image whose draw equals the sample rate "
                                            "exactly (probability 2^-24 per image) is the only one < and <= tell apart",
-    "xǁHolderǁpoisson_batches__mutmut_34": "killed by test_poisson_batches_take_each_image_with_the_sample_rate's "
-                                           "augmentation check, written after the re-test's copy (applied by hand: "
-                                           "it fails)",
-    "x__skeleton__mutmut_12": "killed by test_a_worker_builds_one_skeleton_per_model_and_dp_mode_with_groupnorms_"
-                              "under_holder_dp, written after the re-test's copy (applied by hand: it fails)",
-    "x__skeleton__mutmut_17": "the same (applied by hand: it fails)",
-    "xǁHolderJobǁ__init____mutmut_33": "killed by test_a_holders_training_is_local_sgd_on_its_morphed_batches_with_"
-                                       "the_rounds_settings' GPU check, written after the re-test's copy (applied by "
-                                       "hand: it fails)",
-    "xǁHolderJobǁevaluate_test_split__mutmut_21": "killed by the same test's evaluation sent again, written after the "
-                                                  "re-test's copy (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_2": "killed by test_a_nodes_own_secret_wins_over_the_launchers_provision, written after the re-test's copy (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_6": "the same (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_7": "the same as mutmut_6 (upper case instead of XX: the key no longer matches)",
-    "xǁHolderJobǁ_open_holder__mutmut_8": "the same (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_18": "the same (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_20": "the same (applied by hand: it fails)",
-    "x_holder_folder__mutmut_22": "killed by test_a_holders_folder_is_chosen_on_its_side_only's default-home check, written after the re-test's copy (applied by hand: it fails)",
-    "x_holder_folder__mutmut_23": "the same default home changed (not applied by hand: it names another folder)",
-    "x_holder_folder__mutmut_17": "the same check (not applied by hand: Path(None) raises TypeError there)",
-    "x_holder_folder__mutmut_19": "the same as mutmut_17",
-    "xǁHolderJobǁ_open_holder__mutmut_9": "killed by test_a_nodes_own_secret_wins_over_the_launchers_provision (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_24": "the node's federation secret dropped, as mutmut_20 (not applied by hand)",
-    "xǁHolderJobǁ_open_holder__mutmut_28": "killed by test_a_nodes_own_secret_wins_over_the_launchers_provision (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_29": "passes the text 'None' as the secret, which is refused as not hex (not applied by hand)",
-    "xǁHolderJobǁ_open_holder__mutmut_30": "reads no federation secret, as mutmut_20 (not applied by hand)",
     "xǁHolderJobǁ_open_holder__mutmut_31": "changes the default used when the node config names no federation secret; the holders then reach this line only with a holder seed, which decides their secrets and leaves the federation secret unused: equivalent",
-    "xǁHolderJobǁ_open_holder__mutmut_32": "reads the key '' (absent), giving the text 'None', refused as not hex (not applied by hand)",
     "xǁHolderJobǁ_open_holder__mutmut_33": "the same as mutmut_31",
-    "xǁHolderJobǁ_open_holder__mutmut_34": "killed by test_a_nodes_own_secret_wins_over_the_launchers_provision (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_35": "the same as mutmut_34, upper case (not applied by hand)",
     "xǁHolderJobǁ_open_holder__mutmut_36": "the same as mutmut_31",
-    "xǁHolderJobǁ_open_holder__mutmut_38": "killed by test_a_nodes_own_floor_is_used_where_its_node_config_names_one, written after the re-test's copy (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_39": "the same condition inverted (not applied by hand)",
-    "xǁHolderJobǁ_open_holder__mutmut_40": "reads the floor from no node config: an AttributeError on every holder whose node config names a floor, which the same test's accepting case catches (not applied by hand)",
-    "xǁHolderJobǁ_open_holder__mutmut_41": "killed by test_a_nodes_own_floor_is_used_where_its_node_config_names_one (applied by hand: it fails)",
-    "xǁHolderJobǁ_open_holder__mutmut_58": "killed by test_a_nodes_own_floor_is_used_where_its_node_config_names_one (applied by hand: it fails)",
     "xǁHolderJobǁ_assemble__mutmut_19": "loads the received entries in the plain order and permutes them too when they are already in the holder's order: the next line loads them again in the holder's order, overwriting that copy, and the permutation is applied to the skeleton's plain first layer, which the holder never uses (its own AugConv or frozen layer is)",
     "xǁHolderJobǁ_assemble__mutmut_29": "strict=None is falsy: load_state_dict is as lenient as with strict=False",
     "xǁHolderJobǁ_assemble__mutmut_38": "the same",
@@ -313,7 +279,6 @@ EXPLAINED = {
     "xǁHolderǁload_local_state__mutmut_8": "the same (map_location left out)",
     "xǁHolderǁload_local_state__mutmut_6": "weights_only=None is torch's default, which is True since torch 2.6 (this project needs 2.14)",
     "xǁHolderǁload_local_state__mutmut_9": "the same (weights_only left out)",
-    "xǁHolderǁload_local_state__mutmut_15": "killed by test_a_planted_local_state_file_is_refused_without_running_it, written after the run (applied by hand: it fails)",
     "xǁHolderǁpoisson_batches__mutmut_45": "a batch size above the count of images chosen still gives one batch of "
                                            "all of them, the only batch taken",
     "xǁHolderǁ_saved_rounds__mutmut_6": "a local-state file's stem holds '-r' once (local-<variant>-rNNNNN, and the "
@@ -325,6 +290,10 @@ EXPLAINED = {
     "x_dp_plan__mutmut_39": "get_noise_multiplier's accountant defaults to rdp, the one named",
     "x_dp_plan__mutmut_27": "warnings.filterwarnings matches its message case-insensitively: the same filter",
     "x_dp_plan__mutmut_28": "the same (upper case)",
+    "x_key_padding__mutmut_13": "padding[1] instead of padding[0]: the line above refuses a layer whose two "
+                                "paddings differ, so they are the same number",
+    "xǁHolderǁ__init____mutmut_1": "Holder.holder_id is kept for whoever inspects a holder; nothing in the project "
+                                   "reads it (the ClientApp's job carries its own holder id into every reply)",
     "xǁPrivacyLedgerǁepsilon__mutmut_4": "Opacus' RDP accountant gives epsilon 0 for an empty history too: the guard "
                                          "only spares the import",
 }

@@ -18,8 +18,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from clients import client_app
+from clients import holder as holder_module
 from clients.client_app import HolderSide, InjectedFailure, _finite, _reply, holder_folder, query, settings_of
 from clients.floor import SecurityFloor
+from clients.keys import MorphingKeyError
 from clients.holder import (
     KEY_FILE,
     Holder,
@@ -37,7 +39,7 @@ from clients.privacy import DPPlan, PrivacyLedger, check_delta, dp_plan
 from clients.secrets import HolderSecrets
 from server.first_layer import initial_model
 from simulation.config import build_config
-from simulation.data import DataError
+from simulation.data import DataError, normalize
 from simulation.errors import UsageError
 from simulation.placement import placement_for
 from simulation.run import holder_side
@@ -164,6 +166,38 @@ def test_a_kept_key_below_the_holders_floor_is_refused_even_if_it_matches(experi
     holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=2))
     with pytest.raises(UsageError, match="floor"):
         holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=4))
+
+
+def test_a_kept_key_for_images_of_another_shape_is_refused(experiment, tmp_path):
+    config, placement, _ = experiment
+    settings = HolderSettings.from_config(config, "mple")
+    secrets = HolderSecrets.from_holder_seed(0, 1)
+    holder_key(settings, secrets, tmp_path, (1, 16, 16), 0, SecurityFloor())
+    with pytest.raises(MorphingKeyError, match=r"is for images of shape \(1, 16, 16\), not \(1, 8, 8\)"):
+        holder_key(settings, secrets, tmp_path, placement.dataset.image_shape, 0, SecurityFloor())
+
+
+def test_a_request_below_the_floor_is_refused_before_any_key_is_drawn(experiment, tmp_path, monkeypatch):
+    config, placement, _ = experiment
+    settings = dataclasses.replace(HolderSettings.from_config(config, "mple"), block_size=2)
+    monkeypatch.setattr(holder_module, "draw_key", lambda *a, **k: pytest.fail("a key was drawn for a refused request"))
+    with pytest.raises(UsageError, match="floor refuses a repeated key with q = 2"):
+        holder_key(settings, HolderSecrets.from_holder_seed(0, 1), tmp_path, placement.dataset.image_shape, 0,
+                   SecurityFloor())
+    assert not (tmp_path / KEY_FILE).exists()
+
+
+def test_a_holders_key_has_the_block_size_and_padding_its_settings_ask_for(experiment, tmp_path):
+    _, _, first = experiment
+    asked = make_holder(experiment, tmp_path / "q", block_size=16)
+    assert asked.key.block_size == 16 != make_holder(experiment, tmp_path / "default").key.block_size
+    padded = make_holder(experiment, tmp_path / "padded", key_padding="conv")
+    plain = make_holder(experiment, tmp_path / "plain", variant="baseline")
+    assert padded.key.padding == first.padding[0] == 1
+    morphed, _ = next(iter(padded.batches("train")()))
+    images, _ = next(iter(plain.batches("train")()))
+    assert morphed.shape[-1] == images.shape[-1] + 2  # the zero-padded image is morphed
+    assert torch.allclose(padded.first(morphed), plain.first(images), atol=1e-4)
 
 
 # ---------------------------------------------------------------- what a holder hands the training code
@@ -438,6 +472,23 @@ def test_a_holders_own_data_is_read_with_the_experiments_size_and_folder_and_nev
     empty = dataclasses.replace(settings, data_dir=str(tmp_path))
     with pytest.raises(DataError, match=f"{tmp_path / 'breastmnist.npz'} not found and download is off"):
         load_own_data("medmnist:breastmnist", empty, digits)
+
+
+def test_a_holder_with_its_own_data_trains_and_tests_on_its_own_images(experiment, tmp_path):
+    config, placement, first = experiment
+    digits = placement.dataset
+    images, labels = digits.train.images[-6:, 0], (np.arange(6) + 3) % digits.num_classes
+    spec = own_npz(tmp_path / "own.npz", images, labels)
+    settings = HolderSettings.from_config(config, "baseline")
+    holder = Holder(1, settings, tmp_path / "holder", HolderSecrets.from_holder_seed(0, 1), first, CPU, own_data=spec)
+    own = load_own_data(spec, settings, digits)
+    for split, expected in (("train", own.train), ("test", own.test)):
+        batches = list(holder.batches(split)())
+        assert holder.num_examples(split) == len(expected)
+        assert torch.equal(torch.cat([y for _, y in batches]), torch.as_tensor(expected.labels))
+        normalised = normalize(torch.as_tensor(expected.images), digits.mean, digits.std)
+        assert torch.equal(torch.cat([x for x, _ in batches]), normalised)
+    assert holder.num_examples("global") == len(placement.official_test(1))
 
 
 def test_a_fresh_worker_process_sets_torchs_threads_once_and_fills_its_caches(tmp_path, monkeypatch):
