@@ -426,6 +426,7 @@ def survivors_markdown(figures: dict) -> str:
     for group, count in sorted(figures["survivor_groups"].items(), key=lambda item: -item[1]):
         lines += [f"## {group} ({count})", "", reasons.get(group, ""), ""]
         lines += [f"- `{s['mutant']}`: `{s['removed'][:140]}` -> `{s['added'][:140]}`"
+                  + (f": {s['why']}" if group == "explained one by one" else "")
                   for s in figures["survivors"] if s["group"] == group]
         lines.append("")
     return "\n".join(lines)
