@@ -196,6 +196,8 @@ EXPLAINED = {
     "xǁSecurityFloorǁcheck_key__mutmut_14": "counts the nonzero entries per column instead of per row: a block "
     "with at most one nonzero in each row is invertible only as a scaled permutation, which has one per column too",
     "xǁSecurityFloorǁcheck_key__mutmut_15": "the same as mutmut_14 (dim=-2 is the column axis of the blocks)",
+    "xǁ_KeyShapeǁblock_for": "_KeyShape stands in for a key only where AugConv's size is asked (augconv_bytes): "
+                             "which key block each layout block reads does not change the weight's size",
     "xǁHolderKeyǁmatrix__mutmut_5": "a dense key has one block, and block_diag of one block is that block: the "
     "dense branch is a shortcut",
     "xǁHolderKeyǁmatrix__mutmut_6": "the same as mutmut_5",
@@ -205,22 +207,6 @@ EXPLAINED = {
     "str() makes another fixed label: the order stays secret, shared and reproducible",
     "x_channel_order__mutmut_18": "the same for a holder's own order",
     "x_draw_key__mutmut_13": "the same for the key's seed",
-    # Killed by tests written after the re-test's copy was made; each was applied by hand and its test failed.
-    "x_draw_key__mutmut_3": "killed by test_a_holders_key_is_drawn_with_the_settings_asked_for_from_its_own_secret "
-    "(applied by hand: it fails)",
-    "x_draw_key__mutmut_9": "killed by the same test (applied by hand: it fails)",
-    "x_check_key_geometry__mutmut_9": "killed by test_the_floor_counts_a_dense_keys_q_as_every_pixel (applied by "
-    "hand: it fails)",
-    "xǁAugConvǁsave__mutmut_19": "killed by test_augconv_files_round_trip_exactly_and_carry_their_holders_tag, which "
-    "now checks the file is owner-only (applied by hand: it fails)",
-    "xǁAugConvǁsave__mutmut_22": "the same (applied by hand: it fails)",
-    "xǁAugConvǁsave__mutmut_29": "the same (applied by hand: it fails)",
-    "xǁHolderKeyǁ_validate__mutmut_32": "killed by test_a_key_of_one_pixel_blocks_is_a_key_and_only_the_floor_refuses_it "
-    "(applied by hand: it fails)",
-    "xǁHolderKeyǁ_validate__mutmut_33": "the same (applied by hand: it fails)",
-    "xǁAuditGridǁget_node_ids__mutmut_12": "the code it mutated is gone: unidentified nodes now sort as infinity, "
-    "after every holder id (test_nodes_are_listed_in_holder_order_whatever_their_ids_newcomers_last)",
-    "xǁAuditGridǁget_node_ids__mutmut_13": "the same",
     "x__fused_weight__mutmut_32": "sizes AugConv's construction window larger than needed: the extra rows are zero, the same entries are computed",
     "x__fused_weight__mutmut_33": 'the same (a window over every row)',
     "x__fused_weight__mutmut_35": 'the same (one row more)',
@@ -285,8 +271,7 @@ EXPLAINED = {
                                         "variants are mple and baseline): split from either end, any count, the same",
     "xǁHolderǁ_saved_rounds__mutmut_7": "the same (split from the left)",
     "xǁHolderǁ_saved_rounds__mutmut_10": "the same (at most two splits)",
-    "x_dp_plan__mutmut_21": "message=None silences every warning of the noise search, which issues only this one",
-    "x_dp_plan__mutmut_23": "the same (no message: every warning of the search)",
+    "x_dp_plan__mutmut_23": "no message: silences every warning of the noise search, which issues only one",
     "x_dp_plan__mutmut_39": "get_noise_multiplier's accountant defaults to rdp, the one named",
     "x_dp_plan__mutmut_27": "warnings.filterwarnings matches its message case-insensitively: the same filter",
     "x_dp_plan__mutmut_28": "the same (upper case)",

@@ -68,6 +68,25 @@ def test_audit_checks_what_a_reply_carries_not_only_its_record_names(case):
             audit._check_incoming(planted)
 
 
+def test_the_audit_times_its_checks_apart_from_the_push_under_the_names_the_benchmark_reads(tmp_path, monkeypatch):
+    """benchmarks.simulation separates the server's audit from its push by these names (MPLE_PROFILE)."""
+    from simulation.profile import PROFILE_ENV, read_profile
+
+    class Pushes:
+        def push_messages(self, messages):
+            return ["x" for _ in messages]
+
+        def pull_messages(self, message_ids):
+            return []
+
+    message, _ = planted_replies()
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profile.jsonl"))
+    audit = AuditGrid(Pushes(), shared_names={"a", "b"})
+    assert list(audit.push_messages([message])) == ["x"] and list(audit.pull_messages(["x"])) == []
+    assert [(line["side"], line["phase"]) for line in read_profile(tmp_path / "profile.jsonl")] == [
+        ("server", "audit"), ("server", "push"), ("server", "audit")]
+
+
 def test_an_evaluation_reply_carries_no_arrays_and_the_audit_counts_what_crossed():
     message, replies = planted_replies()
     evaluate = Message(RecordDict({"config": ConfigRecord({"lr": 0.1}), "arrays": message.content["arrays"]}),

@@ -218,6 +218,17 @@ def test_unsupported_layers_raise_one_line_errors(conv, message):
     assert "\n" not in str(excinfo.value)
 
 
+@pytest.mark.parametrize("family, q", [("dense", None), ("blocks", 3), ("repeated", 3)])
+def test_a_kernel_that_leaves_one_output_pixel_is_exact_and_one_that_leaves_none_is_refused(family, q):
+    key = make_key(family, (1, 3, 3), 0, q)
+    conv, _ = make_conv(1, 0, (3, 0, True, 2, False))
+    x = images(2, (1, 3, 3))
+    out = AugConv.from_conv(conv, key, dtype=torch.float64)(morph(x, key))
+    assert out.shape == (2, 2, 1, 1) and relative_error(out, reference(conv, x, None)) <= 1e-9
+    with pytest.raises(MorphingKeyError, match="leaves no output on 3x3 images"):
+        AugConv.from_conv(nn.Conv2d(1, 2, 4).double(), key)
+
+
 def test_even_kernel_with_same_padding_is_refused():
     key = make_key("repeated", (3, 6, 6), 0, None)
     with pytest.raises(MorphingKeyError, match="even kernel"):
