@@ -87,6 +87,28 @@ def test_the_audit_times_its_checks_apart_from_the_push_under_the_names_the_benc
         ("server", "audit"), ("server", "push"), ("server", "audit")]
 
 
+@pytest.mark.parametrize("case", ["key in the metrics", "honest"])
+def test_send_and_receive_checks_what_goes_out_and_what_comes_back(case):
+    message, replies = planted_replies()
+    planted, refusal = replies[case]
+
+    class Answers:
+        def send_and_receive(self, messages, *, timeout=None):
+            self.sent, self.timeout = list(messages), timeout
+            return [planted]
+
+    grid = Answers()
+    audit = AuditGrid(grid, shared_names={"a", "b"})
+    if refusal is None:
+        assert audit.send_and_receive([message], timeout=5.0) == [planted]
+        assert grid.sent == [message] and grid.timeout == 5.0 and audit.holder_of == {1000: 0}
+    else:
+        with pytest.raises(AuditViolation, match=refusal):
+            audit.send_and_receive([message])
+    with pytest.raises(AuditViolation, match="may not cross"):
+        audit.send_and_receive([replies["extra array record"][0]])
+
+
 def test_an_evaluation_reply_carries_no_arrays_and_the_audit_counts_what_crossed():
     message, replies = planted_replies()
     evaluate = Message(RecordDict({"config": ConfigRecord({"lr": 0.1}), "arrays": message.content["arrays"]}),

@@ -125,6 +125,18 @@ def test_a_holders_floor_refuses_settings_that_are_no_floor(families, minimum, r
         SecurityFloor(families, minimum)
 
 
+def test_a_nodes_floor_is_read_from_its_node_config_and_the_defaults_fill_what_it_leaves_out():
+    assert SecurityFloor.from_node_config({}) == SecurityFloor() == SecurityFloor(FAMILIES, 4)
+    assert SecurityFloor.from_node_config({"key-families": " blocks, dense ,", "min-block-size": "16"}) == \
+        SecurityFloor(("blocks", "dense"), 16)
+    assert SecurityFloor.from_node_config({"key-families": "  ", "min-block-size": 8}) == SecurityFloor(FAMILIES, 8)
+    for bad in ("sixteen", None):
+        with pytest.raises(UsageError, match=f"node config min-block-size must be an integer, got {bad!r}"):
+            SecurityFloor.from_node_config({"min-block-size": bad})
+    with pytest.raises(UsageError, match="got planted"):
+        SecurityFloor.from_node_config({"key-families": "planted"})
+
+
 def test_a_floor_of_q_2_is_the_weakest_allowed_and_it_holds():
     floor = SecurityFloor(("blocks",), 2)
     floor.check_key(HolderKey.generate((1, 4, 4), family="blocks", block_size=2, seed=1))
