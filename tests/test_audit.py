@@ -68,20 +68,31 @@ def test_audit_checks_what_a_reply_carries_not_only_its_record_names(case):
             audit._check_incoming(planted)
 
 
+class Relay:
+    """The grid under the audit: it accepts every push, has nothing to pull, answers `send_and_receive` with
+    `replies` and keeps what it was sent."""
+
+    def __init__(self, replies=()):
+        self.replies = list(replies)
+
+    def push_messages(self, messages):
+        return ["x" for _ in messages]
+
+    def pull_messages(self, message_ids):
+        return []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.sent, self.timeout = list(messages), timeout
+        return self.replies
+
+
 def test_the_audit_times_its_checks_apart_from_the_push_under_the_names_the_benchmark_reads(tmp_path, monkeypatch):
     """benchmarks.simulation separates the server's audit from its push by these names (MPLE_PROFILE)."""
     from simulation.profile import PROFILE_ENV, read_profile
 
-    class Pushes:
-        def push_messages(self, messages):
-            return ["x" for _ in messages]
-
-        def pull_messages(self, message_ids):
-            return []
-
     message, _ = planted_replies()
     monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "profile.jsonl"))
-    audit = AuditGrid(Pushes(), shared_names={"a", "b"})
+    audit = AuditGrid(Relay(), shared_names={"a", "b"})
     assert list(audit.push_messages([message])) == ["x"] and list(audit.pull_messages(["x"])) == []
     assert [(line["side"], line["phase"]) for line in read_profile(tmp_path / "profile.jsonl")] == [
         ("server", "audit"), ("server", "push"), ("server", "audit")]
@@ -92,12 +103,7 @@ def test_send_and_receive_checks_what_goes_out_and_what_comes_back(case):
     message, replies = planted_replies()
     planted, refusal = replies[case]
 
-    class Answers:
-        def send_and_receive(self, messages, *, timeout=None):
-            self.sent, self.timeout = list(messages), timeout
-            return [planted]
-
-    grid = Answers()
+    grid = Relay([planted])
     audit = AuditGrid(grid, shared_names={"a", "b"})
     if refusal is None:
         assert audit.send_and_receive([message], timeout=5.0) == [planted]

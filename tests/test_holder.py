@@ -75,12 +75,11 @@ def experiment():
     return config, placement, initial_model(config, placement).first
 
 
-def make_holder(experiment, home, holder_id=0, variant="mple", seed=0, **changes):
+def make_holder(experiment, home, holder_id=0, variant="mple", seed=0, own_data=None, **changes):
     config, _, first = experiment
-    settings = HolderSettings.from_config(config, variant)
-    if changes:
-        settings = dataclasses.replace(settings, **changes)
-    return Holder(holder_id, settings, home, HolderSecrets.from_holder_seed(seed, holder_id), first, CPU)
+    settings = dataclasses.replace(HolderSettings.from_config(config, variant), **changes)
+    return Holder(holder_id, settings, home, HolderSecrets.from_holder_seed(seed, holder_id), first, CPU,
+                  own_data=own_data)
 
 
 # ---------------------------------------------------------------- folders, fingerprints, key padding
@@ -120,11 +119,16 @@ def test_key_padding_follows_the_first_layer_or_none():
 
 
 # ---------------------------------------------------------------- the key in the holder's folder
-def test_a_holders_key_is_drawn_once_saved_owner_only_and_read_back(experiment, tmp_path):
+def key_inputs(experiment, **changes):
+    """What holder_key takes besides a folder, padding and floor: holder 1's mple settings (with `changes`), its
+    secrets and the experiment's image shape."""
     config, placement, _ = experiment
-    settings = HolderSettings.from_config(config, "mple")
-    secrets = HolderSecrets.from_holder_seed(0, 1)
-    shape = placement.dataset.image_shape
+    settings = dataclasses.replace(HolderSettings.from_config(config, "mple"), **changes)
+    return settings, HolderSecrets.from_holder_seed(0, 1), placement.dataset.image_shape
+
+
+def test_a_holders_key_is_drawn_once_saved_owner_only_and_read_back(experiment, tmp_path):
+    settings, secrets, shape = key_inputs(experiment)
     tmp_path.chmod(0o700)
     drawn = holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
     path = tmp_path / KEY_FILE
@@ -140,10 +144,7 @@ def test_a_holders_key_is_drawn_once_saved_owner_only_and_read_back(experiment, 
 
 @pytest.mark.parametrize("change", ["family", "entries", "padding", "block size"])
 def test_a_kept_key_made_for_other_settings_is_refused_naming_the_folder(experiment, tmp_path, change):
-    config, placement, _ = experiment
-    settings = HolderSettings.from_config(config, "mple")
-    secrets = HolderSecrets.from_holder_seed(0, 1)
-    shape = placement.dataset.image_shape
+    settings, secrets, shape = key_inputs(experiment)
     holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
     padding = 0
     if change == "family":
@@ -159,31 +160,24 @@ def test_a_kept_key_made_for_other_settings_is_refused_naming_the_folder(experim
 
 
 def test_a_kept_key_below_the_holders_floor_is_refused_even_if_it_matches(experiment, tmp_path):
-    config, placement, _ = experiment
-    settings = dataclasses.replace(HolderSettings.from_config(config, "mple"), block_size=2)
-    secrets = HolderSecrets.from_holder_seed(0, 1)
-    shape = placement.dataset.image_shape
+    settings, secrets, shape = key_inputs(experiment, block_size=2)
     holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=2))
     with pytest.raises(UsageError, match="floor"):
         holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor(min_block_size=4))
 
 
 def test_a_kept_key_for_images_of_another_shape_is_refused(experiment, tmp_path):
-    config, placement, _ = experiment
-    settings = HolderSettings.from_config(config, "mple")
-    secrets = HolderSecrets.from_holder_seed(0, 1)
+    settings, secrets, shape = key_inputs(experiment)
     holder_key(settings, secrets, tmp_path, (1, 16, 16), 0, SecurityFloor())
     with pytest.raises(MorphingKeyError, match=r"is for images of shape \(1, 16, 16\), not \(1, 8, 8\)"):
-        holder_key(settings, secrets, tmp_path, placement.dataset.image_shape, 0, SecurityFloor())
+        holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
 
 
 def test_a_request_below_the_floor_is_refused_before_any_key_is_drawn(experiment, tmp_path, monkeypatch):
-    config, placement, _ = experiment
-    settings = dataclasses.replace(HolderSettings.from_config(config, "mple"), block_size=2)
+    settings, secrets, shape = key_inputs(experiment, block_size=2)
     monkeypatch.setattr(holder_module, "draw_key", lambda *a, **k: pytest.fail("a key was drawn for a refused request"))
     with pytest.raises(UsageError, match="floor refuses a repeated key with q = 2"):
-        holder_key(settings, HolderSecrets.from_holder_seed(0, 1), tmp_path, placement.dataset.image_shape, 0,
-                   SecurityFloor())
+        holder_key(settings, secrets, tmp_path, shape, 0, SecurityFloor())
     assert not (tmp_path / KEY_FILE).exists()
 
 
@@ -475,13 +469,12 @@ def test_a_holders_own_data_is_read_with_the_experiments_size_and_folder_and_nev
 
 
 def test_a_holder_with_its_own_data_trains_and_tests_on_its_own_images(experiment, tmp_path):
-    config, placement, first = experiment
+    _, placement, _ = experiment
     digits = placement.dataset
     images, labels = digits.train.images[-6:, 0], (np.arange(6) + 3) % digits.num_classes
     spec = own_npz(tmp_path / "own.npz", images, labels)
-    settings = HolderSettings.from_config(config, "baseline")
-    holder = Holder(1, settings, tmp_path / "holder", HolderSecrets.from_holder_seed(0, 1), first, CPU, own_data=spec)
-    own = load_own_data(spec, settings, digits)
+    holder = make_holder(experiment, tmp_path / "holder", holder_id=1, variant="baseline", own_data=spec)
+    own = load_own_data(spec, holder.settings, digits)
     for split, expected in (("train", own.train), ("test", own.test)):
         batches = list(holder.batches(split)())
         assert holder.num_examples(split) == len(expected)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.mutation import explain, mutant_changes, survivors_markdown
+from benchmarks.mutation import GROUPS, NOT_EXPLAINED, ONE_BY_ONE, explain, mutant_changes, survivors_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SURVIVOR_LINE = re.compile(r"^- `(?P<name>[^`]+)`: `(?P<removed>.*)` -> `(?P<added>.*)`")
@@ -35,7 +35,8 @@ def test_survivors_are_grouped_by_rule_or_by_their_own_reason_and_the_rest_are_n
 def test_the_markdown_names_each_survivor_with_its_groups_reason_or_its_own():
     survivors = [
         {"mutant": "m.x_f__mutmut_1", "removed": "a", "added": "b", "group": "explained one by one", "why": "its own"},
-        {"mutant": "m.x_g__mutmut_2", "removed": "c", "added": "d", "group": "message text", "why": "shared"},
+        {"mutant": "m.x_g__mutmut_2", "removed": "c", "added": "d", "group": "message text",
+         "why": next(why for group, _, why in GROUPS if group == "message text")},
     ]
     text = survivors_markdown({"survived": 2, "mutants": 9, "killed": 7, "other": 0, "survivors": survivors,
                                "survivor_groups": {"explained one by one": 1, "message text": 1}})
@@ -52,9 +53,9 @@ def test_every_survivor_the_docs_list_is_explained_by_the_benchmark(document):
     for line in (ROOT / document).read_text().splitlines():
         if line.startswith("## "):
             group = line[3:].rsplit(" (", 1)[0]
-            assert group != "not explained"
+            assert group != NOT_EXPLAINED
         match = SURVIVOR_LINE.match(line)
-        if match and group == "explained one by one":
+        if match and group == ONE_BY_ONE:
             by_name.append(match["name"])
     assert len(by_name) > 20
-    assert [name for name in by_name if explain(name, "", "")[0] != "explained one by one"] == []
+    assert [name for name in by_name if explain(name, "", "")[0] != ONE_BY_ONE] == []
