@@ -120,7 +120,6 @@ class Holder:
         own_data: str | None = None,
         floor: SecurityFloor = SecurityFloor(),
     ):
-        self.holder_id = holder_id
         self.settings = settings
         self.variant = settings.variant
         self.device = device
